@@ -1,0 +1,124 @@
+"""The one in-memory form of every data source: uint8 images ``[N, 3, H, W]`` and int64 labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split: images as uint8 ``[N, 3, H, W]`` (RGB, 0-255), labels as int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"images must be uint8 [N, 3, H, W]; got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels must be int64 [N] with N = {self.images.shape[0]}; "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class, in label order."""
+        per_class = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, per_class))
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """A data source after splitting: named splits that share one class list.
+
+    ``mean`` and ``std`` are per-channel statistics of the training split on the 0-1 scale; they
+    travel with every model trained on it.
+    """
+
+    source: str
+    splits: dict[str, ImageSet]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    notes: tuple[str, ...] = field(default=())  # what a reader must know (e.g. "JPEG copy of CIFAR-10")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return next(iter(self.splits.values())).classes
+
+    @property
+    def train(self) -> ImageSet:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> ImageSet:
+        return self.splits["val"]
+
+    def __getitem__(self, name: str) -> ImageSet:
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise KeyError(f"no split {name!r}; this source has {', '.join(self.splits)}") from None
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, on the 0-1 scale (float64 sums)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def stratified_split(
+    labels: torch.Tensor, per_class: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(rest, held_out)``: ``per_class`` images of each class held out, chosen by ``seed``.
+
+    The same labels and seed always give the same split; the two index sets are disjoint and sorted.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    held_out = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        if per_class >= members.numel():
+            raise ValueError(
+                f"cannot hold out {per_class} images of class {c}: it has only {members.numel()}"
+            )
+        held_out.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    held = torch.cat(held_out).sort().values
+    mask = torch.ones(labels.numel(), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
+
+
+def take_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices of the first ``per_class`` images of each class after a seeded shuffle."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values

@@ -1,0 +1,168 @@
+"""Run profiles: how much compute a chapter, a test or a command-line run may use.
+
+This module is the one place that reads the environment (``RESNET_LESSONS_PROFILE`` and
+``RESNET_LESSONS_DATA``). Everything else takes a :class:`Profile` or explicit arguments.
+Profiles are frozen: derive a variant with :func:`dataclasses.replace`, never mutate one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+PROFILE_ENV = "RESNET_LESSONS_PROFILE"
+DATA_ENV = "RESNET_LESSONS_DATA"
+NAMED_SOURCES = ("cifar10", "synthetic")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big a run is. Every field is plain data so a profile can be printed, compared and saved."""
+
+    name: str
+    description: str
+    default_source: str  # data source when RESNET_LESSONS_DATA is unset
+    train_per_class: int | None  # training images kept per class (None: all of them)
+    val_per_class: int  # validation images carved out of train, per class (500 x 10 = the usual 5,000)
+    synthetic_per_class: int  # images per class when the synthetic stand-in is used
+    model: str  # the recipe's model, a name from resnet_lessons.models
+    epochs: int  # passes over the training split in the recipe
+    batch_size: int  # images per optimiser step
+    lr: float  # peak learning rate of the one-cycle schedule (SGD + Nesterov)
+    weight_decay: float  # L2 penalty per step, applied to conv/linear weights only
+    label_smoothing: float  # target smoothing epsilon in the cross-entropy loss
+    eval_batch_size: int  # images per forward pass when only predicting
+    seed: int  # one seed for data splits, initialisation and shuffling
+    quiet: bool  # no progress bars (tests, CI logs)
+    model_options: dict[str, object] = field(default_factory=dict)  # build_model keyword arguments
+
+    def summary(self) -> str:
+        train = "all" if self.train_per_class is None else f"{self.train_per_class}/class"
+        return (
+            f"profile {self.name!r}: {self.description}; model {self.model}, {self.epochs} epochs, "
+            f"batch {self.batch_size}, train {train}, val {self.val_per_class}/class"
+        )
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="tests and CI: synthetic data, tiny models, seconds per chapter on 2 CPU cores",
+        default_source="synthetic",
+        train_per_class=None,
+        val_per_class=50,
+        synthetic_per_class=250,
+        model="resnet8",
+        epochs=4,
+        batch_size=64,
+        lr=0.2,
+        weight_decay=5e-4,
+        label_smoothing=0.0,
+        eval_batch_size=500,
+        seed=0,
+        quiet=True,
+    ),
+    "cpu": Profile(
+        name="cpu",
+        description="a laptop CPU: a real CIFAR-10 subset, minutes per chapter",
+        default_source="cifar10",
+        train_per_class=1000,
+        val_per_class=200,
+        synthetic_per_class=600,
+        model="resnet20",
+        epochs=10,
+        batch_size=128,
+        lr=0.2,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        eval_batch_size=1000,
+        seed=0,
+        quiet=False,
+    ),
+    "gpu": Profile(
+        name="gpu",
+        description="Colab or any CUDA GPU: full CIFAR-10, full schedules",
+        default_source="cifar10",
+        train_per_class=None,
+        val_per_class=500,
+        synthetic_per_class=2000,
+        model="resnet18",
+        epochs=30,
+        batch_size=512,
+        lr=0.4,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        eval_batch_size=2000,
+        seed=0,
+        quiet=False,
+        model_options={"stem": "cifar"},
+    ),
+}
+
+
+class SettingsError(ValueError):
+    """A profile name or data source that cannot be used; the message lists the valid choices."""
+
+
+def get_profile(name: str) -> Profile:
+    """The named profile, or a :class:`SettingsError` that lists the valid names."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise SettingsError(
+            f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}"
+        ) from None
+
+
+def check_source(source: str) -> str:
+    """Return ``source`` if it is a named source or an existing path, else raise :class:`SettingsError`."""
+    if source in NAMED_SOURCES:
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SettingsError(
+            f"data source {source!r} is neither a named source ({', '.join(NAMED_SOURCES)}) "
+            f"nor an existing path: {path.resolve()} does not exist"
+        )
+    return str(path)
+
+
+def default_profile_name(cuda_available: bool | None = None) -> str:
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "gpu" if cuda_available else "cpu"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment asks for: a profile and a data source."""
+
+    profile: Profile
+    source: str
+    source_from_env: bool  # False when the profile's default source is used
+
+
+def from_env(env: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> Settings:
+    """Read ``RESNET_LESSONS_PROFILE`` and ``RESNET_LESSONS_DATA``; the only reader of the environment."""
+    env = os.environ if env is None else env
+    name = env.get(PROFILE_ENV, "").strip() or default_profile_name(cuda_available)
+    profile = get_profile(name)
+    raw_source = env.get(DATA_ENV, "").strip()
+    source = check_source(raw_source) if raw_source else profile.default_source
+    return Settings(profile=profile, source=source, source_from_env=bool(raw_source))
+
+
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "Settings",
+    "SettingsError",
+    "check_source",
+    "from_env",
+    "get_profile",
+    "replace",
+]

@@ -1,0 +1,52 @@
+"""Device choice, seeding and CPU thread settings."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), else CUDA, then MPS, then CPU."""
+    if preferred:
+        device = torch.device(preferred)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {preferred!r} was asked for but CUDA is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads to ``requested`` or to the cores this process may use; return it."""
+    if requested is None:
+        try:
+            requested = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS and Windows have no affinity call
+            requested = os.cpu_count() or 1
+    torch.set_num_threads(max(1, requested))
+    return torch.get_num_threads()
+
+
+def describe_device(device: torch.device) -> str:
+    """A short human description: the GPU's name, or the CPU with its thread count."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
