@@ -6,8 +6,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # statistics the torchvision ImageNet weights were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Bad input: a corrupt image, an empty class folder, mismatched splits, an unsafe zip entry, ..."""
+
+
+class DataUnavailable(RuntimeError):
+    """A named source (CIFAR-10) cannot be had here: no download, no files in the cache."""
 
 
 @dataclass(frozen=True)
@@ -79,16 +87,22 @@ class DataSplits:
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images, on the 0-1 scale (float64 sums)."""
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
+    """Per-channel mean and standard deviation of uint8 images, on the 0-1 scale.
+
+    Exact: sums of pixel values and of their squares are integers, accumulated in int64.
+    """
+    if images.shape[0] == 0:
+        raise ValueError("cannot compute channel statistics of an empty split")
+    total = torch.zeros(3, dtype=torch.int64)
+    total_sq = torch.zeros(3, dtype=torch.int64)
     for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].to(torch.float64) / 255.0
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
+        x = images[start : start + chunk].to(torch.int32)
+        total += x.sum(dim=(0, 2, 3), dtype=torch.int64).cpu()
+        total_sq += (x * x).sum(dim=(0, 2, 3), dtype=torch.int64).cpu()
     n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
+    mean = total.double() / n
+    var = total_sq.double() / n - mean * mean
+    mean, std = mean / 255.0, var.clamp_min(0).sqrt() / 255.0
     return tuple(mean.tolist()), tuple(std.tolist())
 
 

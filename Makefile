@@ -1,0 +1,26 @@
+# Two entry points: `make book` and `make test`. Each creates .venv when missing and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BOOK_FLAGS ?= -W --keep-going
+
+.PHONY: book test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[$*]'
+	touch $@
+
+# Executes every chapter (profile from RESNET_LESSONS_PROFILE, else gpu/cpu by hardware) and renders HTML.
+book: $(VENV)/.installed-book
+	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
+	@echo "The book: _build/html/index.html"
+
+# Unit tests, then every chapter under nbval in the smoke profile (conftest.py sets it).
+test: $(VENV)/.installed-test
+	$(PY) -m pytest
+
+clean:
+	rm -rf _build

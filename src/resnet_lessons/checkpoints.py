@@ -1,0 +1,228 @@
+"""Checkpoints you can trust: self-describing, written atomically, loaded without running pickled code.
+
+A checkpoint is one ``torch.save`` file holding a plain dictionary of tensors, numbers, strings, lists
+and dicts, so ``torch.load(..., weights_only=True)`` can read it and refuses anything else (a pickle
+that would run code on load is rejected before its payload runs). It names everything needed to use
+the model without the code that trained it: model name and options, class names, the normalisation,
+the history, the library version; and, to resume, the optimizer, schedule and RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+
+FORMAT = "resnet-lessons-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, damaged, not a checkpoint of this library, or unsafe to load."""
+
+
+class ClassMismatch(ValueError):
+    """A checkpoint's class names differ from those of the data it is used with."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists and numpy/torch scalars into Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    model_name: str | None,
+    model_options: Mapping[str, Any] | None,
+    classes: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    history: Any = None,
+    train_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The dictionary that :func:`save` writes. ``history`` may be a DataFrame or a list of row dicts."""
+    if history is not None and hasattr(history, "to_dict"):
+        history = history.to_dict("records")
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    model = getattr(model, "_orig_mod", model)  # so does torch.compile
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "model_name": model_name,
+        "model_options": _plain(dict(model_options or {})),
+        "classes": [str(c) for c in classes],
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "history": _plain(list(history or [])),
+        "model_state": state,
+        "train_state": dict(train_state) if train_state is not None else None,
+        "extra": _plain(dict(extra or {})),
+    }
+
+
+def save(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, flushed to
+    disk, then ``os.replace``. If anything fails on the way (a full disk), the temporary file is
+    removed and the file that was at ``path`` before is untouched."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the checkpoint folder {folder}: {error.strerror or error}") from error
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write a checkpoint into {folder}: the folder is not writable")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(dict(checkpoint), stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. ``build_model()`` rebuilds the network with its weights."""
+
+    path: Path
+    model_name: str | None
+    model_options: dict[str, Any]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    history: list[dict[str, Any]]
+    model_state: dict[str, torch.Tensor]
+    train_state: dict[str, Any] | None
+    library_version: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The network of this checkpoint with its weights, in eval mode, on ``device``."""
+        if not self.model_name:
+            raise CheckpointError(
+                f"{self.path} does not name its model, so it cannot be rebuilt; "
+                "load its model_state into a network you build yourself"
+            )
+        from .models import build_model  # models imports nothing of ours; a late import keeps this light
+
+        model = build_model(self.model_name, num_classes=len(self.classes), **self.model_options)
+        try:
+            model.load_state_dict(self.model_state)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{self.path}: the weights do not fit {self.model_name} with options {self.model_options}: {first}"
+            ) from error
+        return model.to(device).eval()
+
+    def history_frame(self):  # -> pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame(self.history)
+
+    def check_classes(self, classes: Sequence[str], *, what: str = "the data") -> None:
+        check_classes(self.classes, classes, what=what, path=self.path)
+
+
+def check_classes(
+    checkpoint_classes: Sequence[str], data_classes: Sequence[str], *, what: str = "the data", path: Any = None
+) -> None:
+    """Raise :class:`ClassMismatch` naming both class lists when they differ (names and order)."""
+    if tuple(checkpoint_classes) != tuple(data_classes):
+        where = f" {path}" if path else ""
+        raise ClassMismatch(
+            f"the checkpoint{where} was trained on classes {list(checkpoint_classes)} "
+            f"but {what} has classes {list(data_classes)}"
+        )
+
+
+def load_raw(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dictionary, read with ``weights_only=True``; clear errors for every bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
+            f"code when unpickled (torch.load weights_only=True). Only load files from sources you trust. "
+            f"Detail: {str(error).strip().splitlines()[0]}"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is damaged or truncated, or not a PyTorch file: {message}") from error
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        kind = "a state dict or another program's checkpoint" if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path} is not a resnet-lessons checkpoint (it is {kind})")
+    if int(raw.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {raw['format_version']}, newer than this library reads "
+            f"({FORMAT_VERSION}); upgrade resnet-lessons (it was written by {raw.get('library_version')})"
+        )
+    return raw
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """A :class:`Checkpoint` read safely from ``path``."""
+    raw = load_raw(path, map_location)
+    return Checkpoint(
+        path=Path(path),
+        model_name=raw.get("model_name"),
+        model_options=dict(raw.get("model_options") or {}),
+        classes=tuple(raw["classes"]),
+        mean=tuple(raw["mean"]),
+        std=tuple(raw["std"]),
+        history=list(raw.get("history") or []),
+        model_state=raw["model_state"],
+        train_state=raw.get("train_state"),
+        library_version=str(raw.get("library_version")),
+        extra=dict(raw.get("extra") or {}),
+    )
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network saved at ``path`` with its weights, in eval mode."""
+    return load(path).build_model(device)
+
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "ClassMismatch",
+    "check_classes",
+    "load",
+    "load_model",
+    "load_raw",
+    "make_checkpoint",
+    "save",
+]

@@ -1,0 +1,492 @@
+"""ResNet from scratch: blocks, networks, plain twins, the registry, and counts.
+
+Two families, both from He et al., "Deep Residual Learning for Image Recognition" (CVPR 2016):
+
+* ``resnet18/34/50``: the ImageNet layout (Table 1), with torchvision's parameter names so that a
+  torchvision state dict loads as it is. ``stem="cifar"`` swaps the 7x7/2 + max-pool stem for a 3x3/1 one.
+* ``resnet8/20/32/44/56/110``: the CIFAR-10 networks of Sec. 4.2, 6n+2 layers with widths 16/32/64,
+  and ``plain20/56/110``: the same networks with the shortcuts removed.
+
+Build any of them with :func:`build_model`; :data:`MODELS` maps names to builders.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Stem = Literal["imagenet", "cifar"]
+Shortcut = Literal["A", "B"]
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution, padding 1, no bias (the BatchNorm after it has one)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution, no bias."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A of He et al. (2016, Sec. 3.3): the identity, subsampled by ``stride`` and padded with
+    zero channels when the width grows. It has no parameters."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"option A can only add channels, not go from {in_channels} to {out_channels}")
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Taking every stride-th pixel gives ceil(H / stride) rows, the same as the branch's 3x3/stride conv.
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+    def extra_repr(self) -> str:
+        return f"extra_channels={self.extra_channels}, stride={self.stride}"
+
+
+def make_shortcut(in_channels: int, out_channels: int, stride: int, shortcut: Shortcut) -> nn.Module | None:
+    """The shortcut of a block: ``None`` (plain identity) when the shape is kept, else option A
+    (:class:`ZeroPadShortcut`) or option B (1x1 projection + BatchNorm, torchvision's ``downsample``)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    if shortcut == "A":
+        return ZeroPadShortcut(in_channels, out_channels, stride)
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions; the output is ReLU(F(x) + shortcut(x)). ``residual=False`` drops the
+    shortcut, which makes the block of a plain network."""
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(width, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = downsample
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.residual:
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        out = self.relu(out)
+        return out
+
+
+class Bottleneck(nn.Module):
+    """1x1 (reduce), 3x3, 1x1 (expand by 4); the output is ReLU(F(x) + shortcut(x)).
+
+    The stride sits on the 3x3 convolution, as in torchvision ("ResNet v1.5"); the paper puts it on
+    the first 1x1."""
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+
+        if self.residual:
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        out = self.relu(out)
+        return out
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+class ResNet(nn.Module):
+    """Stem, stages ``layer1..layerN`` (the first keeps the resolution, each next one halves it),
+    global average pool, ``fc``. Module names follow torchvision."""
+
+    def __init__(
+        self,
+        block: Block,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        *,
+        num_classes: int = 10,
+        stem: Stem = "imagenet",
+        shortcut: Shortcut = "B",
+        residual: bool = True,
+        in_channels: int = 3,
+        zero_init_residual: bool = False,
+        arch: str = "resnet",
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.in_channels = in_channels
+        self.stem_kind = stem
+        stem_width = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_channels, stem_width)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+
+        channels = stem_width
+        self.stage_names: list[str] = []
+        for index, (blocks, width) in enumerate(zip(layers, widths)):
+            stride = 1 if index == 0 else 2
+            stage, channels = _make_stage(block, channels, width, blocks, stride, shortcut, residual)
+            name = f"layer{index + 1}"
+            self.add_module(name, stage)
+            self.stage_names.append(name)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        # The smallest image for which every stride-2 step still halves something: below it the last
+        # stages only ever see a 1x1 map that is mostly padding.
+        self.min_input_size = (4 if stem == "imagenet" else 1) * 2 ** (len(layers) - 1)
+
+        for m in self.modules():  # the initialisation of torchvision (He et al. 2015 for convolutions)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Goyal et al. (2017): each block starts as ReLU(shortcut(x)), the net as a shallower one.
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        """The stages in order; ``stages[-1]`` is the last one (Grad-CAM's usual target)."""
+        return [getattr(self, name) for name in self.stage_names]
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ValueError that names the problem when ``x`` cannot be a batch for this network."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            hint = " (a single image needs a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
+            raise ValueError(
+                f"{self.arch} expects a batch of shape [batch, {self.in_channels}, height, width] "
+                f"(in_channels={self.in_channels}); got {tuple(x.shape)}{hint}"
+            )
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"image of {x.shape[-2]}x{x.shape[-1]} is too small for {self.arch} with the {self.stem_kind} "
+                f"stem: it needs at least {self.min_input_size}x{self.min_input_size}"
+                + (" (or build it with stem='cifar')" if self.stem_kind == "imagenet" else "")
+            )
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features: the globally pooled output of the last stage, ``[batch, num_features]``."""
+        self.check_input(x)
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.avgpool(x)
+        return torch.flatten(x, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+def _make_stage(
+    block: Block,
+    in_channels: int,
+    width: int,
+    blocks: int,
+    stride: int,
+    shortcut: Shortcut,
+    residual: bool,
+) -> tuple[nn.Sequential, int]:
+    """``blocks`` blocks; only the first changes stride and width. Returns the stage and its out channels."""
+    out_channels = width * block.expansion
+    downsample = make_shortcut(in_channels, out_channels, stride, shortcut) if residual else None
+    layers = [block(in_channels, width, stride, downsample, residual)]
+    layers += [block(out_channels, width, 1, None, residual) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), out_channels
+
+
+def _check_options(arch: str, num_classes: int, width: float, in_channels: int, **choices: str) -> None:
+    allowed = {"stem": ("imagenet", "cifar"), "shortcut": ("A", "B")}
+    for option, value in choices.items():
+        if value not in allowed[option]:
+            raise ValueError(f"{arch}: {option}={value!r} is not one of {allowed[option]}")
+    for option, number in (("num_classes", num_classes), ("width", width), ("in_channels", in_channels)):
+        if not number > 0:
+            raise ValueError(f"{arch}: {option} must be positive, got {number!r}")
+
+
+def _resnet(
+    arch: str,
+    block: Block,
+    layers: Sequence[int],
+    base_widths: Sequence[int],
+    *,
+    num_classes: int,
+    width: float,
+    in_channels: int,
+    stem: Stem,
+    shortcut: Shortcut,
+    residual: bool = True,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    _check_options(arch, num_classes, width, in_channels, stem=stem, shortcut=shortcut)
+    widths = [max(1, round(w * width)) for w in base_widths]
+    return ResNet(
+        block,
+        layers,
+        widths,
+        num_classes=num_classes,
+        stem=stem,
+        shortcut=shortcut,
+        residual=residual,
+        in_channels=in_channels,
+        zero_init_residual=zero_init_residual,
+        arch=arch,
+    )
+
+
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+def resnet18(
+    num_classes: int = 10, *, stem: Stem = "imagenet", shortcut: Shortcut = "B", width: float = 1.0,
+    in_channels: int = 3, zero_init_residual: bool = False,
+) -> ResNet:
+    """ResNet-18 (He et al. 2016, Table 1): BasicBlocks [2, 2, 2, 2]."""
+    return _resnet("resnet18", BasicBlock, [2, 2, 2, 2], IMAGENET_WIDTHS, num_classes=num_classes, stem=stem,
+                   shortcut=shortcut, width=width, in_channels=in_channels, zero_init_residual=zero_init_residual)
+
+
+def resnet34(
+    num_classes: int = 10, *, stem: Stem = "imagenet", shortcut: Shortcut = "B", width: float = 1.0,
+    in_channels: int = 3, zero_init_residual: bool = False,
+) -> ResNet:
+    """ResNet-34 (He et al. 2016, Table 1): BasicBlocks [3, 4, 6, 3]."""
+    return _resnet("resnet34", BasicBlock, [3, 4, 6, 3], IMAGENET_WIDTHS, num_classes=num_classes, stem=stem,
+                   shortcut=shortcut, width=width, in_channels=in_channels, zero_init_residual=zero_init_residual)
+
+
+def resnet50(
+    num_classes: int = 10, *, stem: Stem = "imagenet", shortcut: Shortcut = "B", width: float = 1.0,
+    in_channels: int = 3, zero_init_residual: bool = False,
+) -> ResNet:
+    """ResNet-50 (He et al. 2016, Table 1): Bottlenecks [3, 4, 6, 3]."""
+    return _resnet("resnet50", Bottleneck, [3, 4, 6, 3], IMAGENET_WIDTHS, num_classes=num_classes, stem=stem,
+                   shortcut=shortcut, width=width, in_channels=in_channels, zero_init_residual=zero_init_residual)
+
+
+def _cifar_resnet(arch: str, n: int, residual: bool) -> Callable[..., ResNet]:
+    """A builder for the 6n+2-layer CIFAR network of He et al. (2016, Sec. 4.2)."""
+    if residual:
+
+        def build(
+            num_classes: int = 10, *, shortcut: Shortcut = "A", width: float = 1.0, in_channels: int = 3,
+            zero_init_residual: bool = False,
+        ) -> ResNet:
+            return _resnet(arch, BasicBlock, [n, n, n], CIFAR_WIDTHS, num_classes=num_classes, stem="cifar",
+                           shortcut=shortcut, width=width, in_channels=in_channels,
+                           zero_init_residual=zero_init_residual)
+
+        kind = f"ResNet-{6 * n + 2}"
+    else:
+
+        def build(num_classes: int = 10, *, width: float = 1.0, in_channels: int = 3) -> ResNet:  # type: ignore[misc]
+            return _resnet(arch, BasicBlock, [n, n, n], CIFAR_WIDTHS, num_classes=num_classes, stem="cifar",
+                           shortcut="A", width=width, in_channels=in_channels, residual=False)
+
+        kind = f"plain-{6 * n + 2} (ResNet-{6 * n + 2} without shortcuts)"
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = f"{kind}: three stages of {n} BasicBlocks, widths 16/32/64 (He et al. 2016, Sec. 4.2)."
+    return build
+
+
+resnet8 = _cifar_resnet("resnet8", 1, residual=True)
+resnet20 = _cifar_resnet("resnet20", 3, residual=True)
+resnet32 = _cifar_resnet("resnet32", 5, residual=True)
+resnet44 = _cifar_resnet("resnet44", 7, residual=True)
+resnet56 = _cifar_resnet("resnet56", 9, residual=True)
+resnet110 = _cifar_resnet("resnet110", 18, residual=True)
+plain20 = _cifar_resnet("plain20", 3, residual=False)
+plain56 = _cifar_resnet("plain56", 9, residual=False)
+plain110 = _cifar_resnet("plain110", 18, residual=False)
+
+MODELS: dict[str, Callable[..., ResNet]] = {
+    builder.__name__: builder
+    for builder in (
+        resnet18, resnet34, resnet50,
+        resnet8, resnet20, resnet32, resnet44, resnet56, resnet110,
+        plain20, plain56, plain110,
+    )
+}
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword options ``build_model`` accepts for ``name`` (besides ``num_classes``)."""
+    return [p for p in inspect.signature(_builder(name)).parameters if p != "num_classes"]
+
+
+def _builder(name: str) -> Callable[..., ResNet]:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def build_model(name: str, num_classes: int = 10, **options: Any) -> ResNet:
+    """The network called ``name`` in :data:`MODELS`, with ``num_classes`` outputs.
+
+    Options (each only where it applies; an unknown one raises a ValueError naming it):
+    ``stem`` ("imagenet" or "cifar", ImageNet family), ``shortcut`` ("A" or "B"), ``width`` (multiplier
+    of every stage's width), ``in_channels`` and ``zero_init_residual``."""
+    builder = _builder(name)
+    valid = model_options(name)
+    for option in options:
+        if option not in valid:
+            raise ValueError(f"{name} has no option {option!r}; its options are: {', '.join(valid)}")
+    return builder(num_classes, **options)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as BatchNorm running statistics are not parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _probe(model: nn.Module, input_size: Sequence[int]) -> Tensor:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    return torch.zeros(tuple(input_size), device=device, dtype=dtype)
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) -> int:
+    """FLOPs of one forward pass at ``input_size``, counted by ``torch.utils.flop_counter``.
+
+    A multiply-add counts as 2 FLOPs, so halve the result to compare with the paper's "FLOPs"
+    (which are multiply-adds: 1.8e9 for ResNet-18 at 224x224). Only convolutions and matrix
+    products are counted; BatchNorm, ReLU, pooling and additions are not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(_probe(model, input_size))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def shape_trace(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) -> pd.DataFrame:
+    """Output shape after the stem, each stage, the pool and ``fc`` for one forward pass.
+
+    Works on any network with torchvision's ResNet module names (ours and torchvision's)."""
+    import pandas as pd
+
+    stages = [name for name, _ in model.named_children() if name.startswith("layer")]
+    points = {"maxpool": "stem", **{name: name for name in stages}, "avgpool": "pool", "fc": "fc"}
+    rows: list[dict[str, object]] = [{"stage": "input", "shape": tuple(input_size)}]
+    handles = [
+        getattr(model, module).register_forward_hook(
+            lambda _m, _i, out, stage=stage: rows.append({"stage": stage, "shape": tuple(out.shape)})
+        )
+        for module, stage in points.items()
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(_probe(model, input_size))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    table = pd.DataFrame(rows)
+    table["channels"] = [shape[1] for shape in table["shape"]]
+    table["size"] = [f"{s[2]}x{s[3]}" if len(s) == 4 else "-" for s in table["shape"]]
+    return table
+
+
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "ZeroPadShortcut",
+    "build_model",
+    "count_flops",
+    "count_parameters",
+    "make_shortcut",
+    "model_options",
+    "shape_trace",
+    *MODELS,
+]
