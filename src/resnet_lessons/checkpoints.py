@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def make_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "model_name": model_name,
         "model_options": _plain(dict(model_options or {})),
         "classes": [str(c) for c in classes],
@@ -173,10 +174,12 @@ def load_raw(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        detail = f" (it asks for {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
-            f"code when unpickled (torch.load weights_only=True). Only load files from sources you trust. "
-            f"Detail: {str(error).strip().splitlines()[0]}"
+            f"refused to load {path}: it holds objects other than tensors and plain data{detail}, which "
+            "could run code when unpickled; torch.load(weights_only=True) stopped before running any. "
+            "Only load files from sources you trust."
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -64,3 +64,42 @@ def class_samples(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[
         axes[c][0].set_ylabel(classes[c], rotation=0, ha="right", va="center", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def gradient_norm_profile(
+    table: "pd.DataFrame", *, ax: Axes | None = None, title: str | None = None
+) -> Figure:
+    """Gradient norm per weight layer (log scale) for several networks: ``table`` has columns
+    ``model``, ``layer`` and ``grad_norm``; names starting with ``plain`` are drawn dashed."""
+    fig, ax = _figure_and_axes(ax, (7, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    depths = sorted({int("".join(filter(str.isdigit, m)) or 0) for m in table["model"]})
+    for model, rows in table.groupby("model", sort=False):
+        depth = int("".join(filter(str.isdigit, str(model))) or 0)
+        plain = str(model).startswith("plain")
+        ax.plot(rows["layer"], rows["grad_norm"], label=str(model), linestyle="--" if plain else "-",
+                color=colours[depths.index(depth) % len(colours)], marker="." if len(rows) < 30 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (1 = first convolution, last = fc)")
+    ax.set_ylabel("gradient norm of the layer's weights")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(True, which="major", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def jacobian_panels(j_block: torch.Tensor, j_branch: torch.Tensor) -> Figure:
+    """Three matrices side by side: the block's Jacobian, the branch's, and their difference."""
+    panels = {"d(F(x) + x)/dx": j_block, "dF/dx": j_branch, "difference": j_block - j_branch}
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    for ax, (name, matrix) in zip(axes, panels.items()):
+        limit = float(matrix.abs().max()) or 1.0
+        image = ax.imshow(matrix.detach().cpu().numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig

@@ -86,24 +86,23 @@ class DataSplits:
             raise KeyError(f"no split {name!r}; this source has {', '.join(self.splits)}") from None
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images, on the 0-1 scale.
 
-    Exact: sums of pixel values and of their squares are integers, accumulated in int64.
+    Sums of values and squares are taken per image in float32, then across images in float64.
     """
     if images.shape[0] == 0:
         raise ValueError("cannot compute channel statistics of an empty split")
-    total = torch.zeros(3, dtype=torch.int64)
-    total_sq = torch.zeros(3, dtype=torch.int64)
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
     for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].to(torch.int32)
-        total += x.sum(dim=(0, 2, 3), dtype=torch.int64).cpu()
-        total_sq += (x * x).sum(dim=(0, 2, 3), dtype=torch.int64).cpu()
+        x = images[start : start + chunk].reshape(-1, 3, images.shape[2] * images.shape[3]).float()
+        total += x.sum(dim=-1).sum(dim=0, dtype=torch.float64).cpu()
+        total_sq += (x * x).sum(dim=-1).sum(dim=0, dtype=torch.float64).cpu()
     n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total.double() / n
-    var = total_sq.double() / n - mean * mean
-    mean, std = mean / 255.0, var.clamp_min(0).sqrt() / 255.0
-    return tuple(mean.tolist()), tuple(std.tolist())
+    mean = total / n
+    var = total_sq / n - mean * mean
+    return tuple((mean / 255.0).tolist()), tuple((var.clamp_min(0).sqrt() / 255.0).tolist())
 
 
 def stratified_split(
@@ -115,7 +114,7 @@ def stratified_split(
     """
     generator = torch.Generator().manual_seed(seed)
     held_out = []
-    for c in torch.unique(labels).tolist():
+    for c in torch.nonzero(torch.bincount(labels)).flatten().tolist():
         members = torch.nonzero(labels == c).flatten()
         if per_class >= members.numel():
             raise ValueError(
@@ -132,7 +131,7 @@ def take_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Ten
     """Sorted indices of the first ``per_class`` images of each class after a seeded shuffle."""
     generator = torch.Generator().manual_seed(seed)
     chosen = []
-    for c in torch.unique(labels).tolist():
+    for c in torch.nonzero(torch.bincount(labels)).flatten().tolist():
         members = torch.nonzero(labels == c).flatten()
         chosen.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
     return torch.cat(chosen).sort().values

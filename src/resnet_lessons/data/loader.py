@@ -1,0 +1,234 @@
+"""Feeding a model: the whole split on the device, augmented a batch at a time (the airbench way).
+
+:class:`DeviceLoader` keeps one uint8 tensor of all images on the device. Each step gathers a batch
+with a random crop (reflect padding) and a horizontal flip done by one indexing operation, converts it
+to float, normalises it and optionally cuts a square out. The random draws are made on the CPU from a
+seeded generator, so the same seed gives the same batches on any device.
+:func:`torchvision_loader` is the classic path (PIL transforms in a ``DataLoader``) doing the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: random crop after ``crop_padding`` pixels of reflect padding, a random
+    horizontal flip, and Cutout of a ``cutout`` x ``cutout`` square (0: none) after normalisation."""
+
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> "Draws":
+        """The random choices for ``n`` images, one row each."""
+        p = self.crop_padding
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        cy = torch.randint(0, height, (n,), generator=generator)
+        cx = torch.randint(0, width, (n,), generator=generator)
+        return Draws(dy, dx, flip, cy, cx)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Per-image random choices: crop offsets in the padded image, flips, Cutout centres."""
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flip: torch.Tensor
+    cy: torch.Tensor
+    cx: torch.Tensor
+
+    def to(self, device: torch.device) -> "Draws":
+        return Draws(*(t.to(device, non_blocking=True) for t in (self.dy, self.dx, self.flip, self.cy, self.cx)))
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map positions of a reflect-padded axis back into ``[0, size)`` (-1 -> 1, size -> size - 2)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def crop_flip(images: torch.Tensor, rows: torch.Tensor, draws: Draws, padding: int) -> torch.Tensor:
+    """Batch ``[B, 3, H, W]`` (uint8) of ``images[rows]`` cropped from the reflect-padded images and flipped.
+
+    One gather: the reflect padding, the crop and the flip are all folded into index arithmetic, so
+    no padded copy of the batch is ever made. The result has channels-last memory layout.
+    """
+    _, _, h, w = images.shape
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    ys = _reflect(draws.dy.view(-1, 1) - padding + ar_h, h)  # [B, H]
+    cols = torch.where(draws.flip.view(-1, 1), w - 1 - ar_w, ar_w)  # flip first, crop from the padded image
+    xs = _reflect(draws.dx.view(-1, 1) - padding + cols, w)  # [B, W]
+    out = images[rows.view(-1, 1, 1), :, ys.view(-1, h, 1), xs.view(-1, 1, w)]  # [B, H, W, 3]
+    return out.permute(0, 3, 1, 2)
+
+
+def cutout_mask(draws: Draws, size: int, height: int, width: int) -> torch.Tensor:
+    """Bool ``[B, 1, H, W]``: a ``size`` square centred on each draw's (cy, cx), clipped at the borders."""
+    y0 = draws.cy.view(-1, 1) - size // 2
+    x0 = draws.cx.view(-1, 1) - size // 2
+    ar_h = torch.arange(height, device=draws.cy.device)
+    ar_w = torch.arange(width, device=draws.cx.device)
+    in_y = (ar_h >= y0) & (ar_h < y0 + size)  # [B, H]
+    in_x = (ar_w >= x0) & (ar_w < x0 + size)  # [B, W]
+    return (in_y.view(-1, 1, height, 1) & in_x.view(-1, 1, 1, width))
+
+
+class DeviceLoader:
+    """Batches ``(x, y)`` from uint8 images kept on ``device``: shuffled, augmented and normalised there.
+
+    ``train=True`` shuffles (seeded by ``seed`` and the epoch) and augments; ``train=False`` does
+    neither. ``drop_last`` (default: ``train``) drops a last partial batch. Under DDP each rank takes a
+    disjoint shard of the epoch's permutation, all of the same size (train: the remainder of
+    ``N / world_size`` is left out, a different one each epoch; eval: the permutation is padded by
+    wrapping around, as ``DistributedSampler`` does), so every rank runs the same number of steps.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
+                 train: bool, augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size; got rank {rank}, world_size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        if augment.crop_padding >= min(images.shape[2:]):
+            raise ValueError(f"crop_padding {augment.crop_padding} must be smaller than the image")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.drop_last = train if drop_last is None else drop_last
+        self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)  # x_norm = x_uint8 * scale + shift
+        self._shift = -mean_t / std_t
+        n = images.shape[0]
+        self.shard_size = n // world_size if train else math.ceil(n / world_size)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every rank)."""
+        if self.drop_last:
+            return self.shard_size // self.batch_size
+        return math.ceil(self.shard_size / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s shuffle and draws next (iterating also moves on by one epoch)."""
+        self.epoch = epoch
+
+    def _generator(self, *salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch) + salt) & (2**63 - 1))
+
+    def plan(self) -> Iterator[tuple[torch.Tensor, Draws | None]]:
+        """(indices into the images, random draws or None) for each step of the current epoch."""
+        n = self.images.shape[0]
+        order = torch.randperm(n, generator=self._generator(0)) if self.train else torch.arange(n)
+        total = self.shard_size * self.world_size
+        if total > n:  # eval under DDP: wrap around so that every rank has a full shard
+            order = torch.cat([order, order[: total - n]])
+        shard = order[self.rank : total : self.world_size]
+        generator = self._generator(1, self.rank)
+        h, w = self.images.shape[2:]
+        for step in range(len(self)):
+            rows = shard[step * self.batch_size : (step + 1) * self.batch_size]
+            draws = self.augment.draw(rows.numel(), h, w, generator) if self.train else None
+            yield rows, draws
+
+    def batch(self, rows: torch.Tensor, draws: Draws | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One normalised float32 batch for ``rows`` with ``draws`` applied (see :meth:`plan`)."""
+        rows = rows.to(self.device, non_blocking=True)
+        if draws is None:
+            x = self.images[rows]
+        else:
+            draws = draws.to(self.device)
+            x = crop_flip(self.images, rows, draws, self.augment.crop_padding)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=fmt).mul_(self._scale).add_(self._shift)
+        if draws is not None and self.augment.cutout > 0:
+            x = x.masked_fill(cutout_mask(draws, self.augment.cutout, *x.shape[2:]), 0.0)
+        return x, self.labels[rows]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for rows, draws in self.plan():
+            yield self.batch(rows, draws)
+        self.epoch += 1
+
+
+# --- the classic path: PIL transforms in a torch DataLoader -----------------------------------------
+
+
+class _Cutout:
+    """Zero a ``size`` square at a random centre of a normalised ``[3, H, W]`` tensor (as DeVries 2017)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:]
+        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+        y0, x0 = cy - self.size // 2, cx - self.size // 2
+        x = x.clone()
+        x[:, max(0, y0) : max(0, y0 + self.size), max(0, x0) : max(0, x0 + self.size)] = 0
+        return x
+
+
+class PILImages(torch.utils.data.Dataset):
+    """uint8 images as PIL images through ``transform``: the ``torchvision.datasets`` way."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        self.images = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy())  # [N, H, W, 3]
+        self.labels = labels.cpu().tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def torchvision_transform(mean: Sequence[float], std: Sequence[float], train: bool,
+                          augment: Augment = Augment(), image_size: tuple[int, int] = (32, 32)):
+    """The same augmentation as :class:`DeviceLoader`, written as torchvision transforms on PIL images."""
+    from torchvision import transforms as T
+
+    steps = []
+    if train:
+        steps.append(T.RandomCrop(image_size, padding=augment.crop_padding, padding_mode="reflect"))
+        if augment.flip:
+            steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if train and augment.cutout > 0:
+        steps.append(_Cutout(augment.cutout))
+    return T.Compose(steps)
+
+
+def torchvision_loader(imageset, batch_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+                       num_workers: int = 0, augment: Augment = Augment(), seed: int = 0):
+    """A ``torch.utils.data.DataLoader`` over ``imageset`` with PIL transforms (the article's pipeline)."""
+    transform = torchvision_transform(mean, std, train, augment, imageset.image_size)
+    return torch.utils.data.DataLoader(
+        PILImages(imageset.images, imageset.labels, transform),
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )

@@ -1,0 +1,342 @@
+"""Metrics from logits: accuracy, per-class scores, calibration and robustness.
+
+Everything here starts from what a model *said* (``logits [N, C]``) and what was *true*
+(``labels [N]``), never from the model itself: inference runs once (``evaluate.infer``) and every
+question is then a cheap computation on its output. The two exceptions take a ``predict`` callable,
+uint8 images ``[N, 3, H, W]`` -> logits (for instance ``functools.partial(evaluate.infer, model,
+mean=..., std=...)``), because they must change the images before predicting: flip test-time
+augmentation and the robustness table.
+
+Calibration follows Guo et al. (2017): a model is calibrated when, among the images it gives 80 %
+confidence, 80 % are right. The reliability diagram bins the confidence, the expected calibration
+error (ECE) is the count-weighted gap between confidence and accuracy over the bins, and temperature
+scaling divides the logits by one number ``T`` fitted on the validation split.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+Predict = Callable[[torch.Tensor], torch.Tensor]  # uint8 images [N, 3, H, W] -> logits [N, C]
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits as float [N, C] and labels as int64 [N] on the CPU, or a ValueError naming the problem."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [N, num_classes]; got shape {tuple(logits.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"labels must be [N] with N = {logits.shape[0]} (one per row of logits); got {tuple(labels.shape)}"
+        )
+    if logits.shape[0] == 0:
+        raise ValueError("no predictions: logits and labels are empty")
+    return logits.detach().float().cpu(), labels.detach().long().cpu()
+
+
+# --- accuracy and per-class scores ---------------------------------------------------------------
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share (0-1) of rows whose largest logit is the label."""
+    logits, labels = _check(logits, labels)
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Share (0-1) of rows whose label is among the ``k`` largest logits."""
+    logits, labels = _check(logits, labels)
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k must be between 1 and the number of classes ({logits.shape[1]}); got {k}")
+    top = logits.topk(k, dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).float().mean())
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """int64 ``[C, C]``: row = true class, column = predicted class (scikit-learn's convention)."""
+    labels, preds = labels.long().cpu(), preds.long().cpu()
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and preds {tuple(preds.shape)} differ in shape")
+    for name, values in (("labels", labels), ("preds", preds)):
+        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} must lie in 0..{num_classes - 1}; got {values.min()}..{values.max()}")
+    flat = labels * num_classes + preds
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_table(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class, read off the confusion matrix.
+
+    precision = right predictions of the class / all predictions of it (column), recall = right
+    predictions / all images of it (row), F1 = their harmonic mean. A class never predicted gets
+    precision 0 (scikit-learn's ``zero_division=0``). The last row, ``macro avg``, is the plain mean
+    of the class rows.
+    """
+    logits, labels = _check(logits, labels)
+    if logits.shape[1] != len(classes):
+        raise ValueError(f"{len(classes)} class names for {logits.shape[1]} logits per image")
+    cm = confusion_matrix(labels, logits.argmax(dim=1), len(classes)).double()
+    right = cm.diag()
+    predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
+    precision = torch.where(predicted > 0, right / predicted.clamp_min(1), torch.zeros_like(right))
+    recall = torch.where(actual > 0, right / actual.clamp_min(1), torch.zeros_like(right))
+    both = precision + recall
+    f1 = torch.where(both > 0, 2 * precision * recall / both.clamp_min(1e-12), torch.zeros_like(right))
+    table = pd.DataFrame(
+        {"precision": precision.numpy(), "recall": recall.numpy(), "f1": f1.numpy(),
+         "support": actual.long().numpy()},
+        index=pd.Index([str(c) for c in classes], name="class"),
+    )
+    table.loc["macro avg"] = [precision.mean().item(), recall.mean().item(), f1.mean().item(), int(actual.sum())]
+    table["support"] = table["support"].astype(int)
+    return table
+
+
+def confident_mistakes(
+    logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None, k: int = 10
+) -> pd.DataFrame:
+    """The ``k`` wrong predictions made with the highest confidence (softmax probability), most confident first.
+
+    Columns: ``index`` (row in the evaluated split), ``label``, ``pred``, ``confidence``, and
+    ``p_label`` (the probability the model gave the true class).
+    """
+    logits, labels = _check(logits, labels)
+    probs = logits.softmax(dim=1)
+    confidence, preds = probs.max(dim=1)
+    wrong = torch.nonzero(preds != labels).flatten()
+    order = wrong[confidence[wrong].argsort(descending=True)][:k]
+
+    def name(c: int) -> object:
+        return classes[c] if classes is not None else c
+
+    return pd.DataFrame({
+        "index": order.numpy(),
+        "label": [name(int(c)) for c in labels[order]],
+        "pred": [name(int(c)) for c in preds[order]],
+        "confidence": confidence[order].numpy(),
+        "p_label": probs[order, labels[order]].numpy(),
+    })
+
+
+# --- test-time augmentation ----------------------------------------------------------------------
+
+
+def average_logits(*logits: torch.Tensor) -> torch.Tensor:
+    """Logits of the averaged class probabilities: ``log(mean_i softmax(logits_i))``.
+
+    Averaging probabilities (not raw logits) is the usual test-time-augmentation rule; returning
+    their logarithm keeps the result usable wherever logits are (argmax, softmax, cross-entropy).
+    """
+    if not logits:
+        raise ValueError("average_logits needs at least one logits tensor")
+    shapes = {tuple(t.shape) for t in logits}
+    if len(shapes) != 1:
+        raise ValueError(f"logits to average must share one shape; got {sorted(shapes)}")
+    probs = torch.stack([t.float().softmax(dim=1) for t in logits]).mean(dim=0)
+    return probs.clamp_min(1e-12).log()
+
+
+def flip_tta(predict_or_logits: Predict | torch.Tensor, images_or_flipped: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: average the predictions for each image and its mirror image.
+
+    Either ``flip_tta(predict, images)`` with ``predict`` uint8 images -> logits, which predicts the
+    images and their horizontal flips; or ``flip_tta(logits, flipped_logits)`` when both were
+    computed already. Returns logits (see :func:`average_logits`).
+    """
+    if callable(predict_or_logits):
+        images = images_or_flipped
+        logits, flipped = predict_or_logits(images), predict_or_logits(images.flip(-1))
+    else:
+        logits, flipped = predict_or_logits, images_or_flipped
+    return average_logits(logits, flipped)
+
+
+# --- calibration (Guo et al. 2017) ---------------------------------------------------------------
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the labels (the cross-entropy loss)."""
+    logits, labels = _check(logits, labels)
+    return float(F.cross_entropy(logits, labels))
+
+
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> pd.DataFrame:
+    """The reliability diagram as a table: confidence split into ``n_bins`` equal-width bins ``(lo, hi]``.
+
+    Per bin: ``count``, mean ``confidence`` (largest softmax probability), ``accuracy`` and
+    ``gap`` = accuracy - confidence (negative: over-confident). Empty bins have NaN means.
+    """
+    logits, labels = _check(logits, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    confidence, preds = logits.softmax(dim=1).max(dim=1)
+    correct = (preds == labels).double()
+    confidence = confidence.double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    # bin b holds confidences in (edges[b], edges[b + 1]]; a confidence of exactly 0 cannot occur
+    index = (torch.bucketize(confidence, edges, right=False) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(index, minlength=n_bins).double()
+    conf_sum = torch.bincount(index, weights=confidence, minlength=n_bins)
+    acc_sum = torch.bincount(index, weights=correct, minlength=n_bins)
+    nan = torch.full_like(count, float("nan"))
+    mean_conf = torch.where(count > 0, conf_sum / count.clamp_min(1), nan)
+    mean_acc = torch.where(count > 0, acc_sum / count.clamp_min(1), nan)
+    return pd.DataFrame({
+        "lo": edges[:-1].numpy(), "hi": edges[1:].numpy(), "count": count.long().numpy(),
+        "confidence": mean_conf.numpy(), "accuracy": mean_acc.numpy(), "gap": (mean_acc - mean_conf).numpy(),
+    })
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE = sum over bins of (images in the bin / all images) * |accuracy - confidence| (0 is perfect)."""
+    bins = reliability_bins(logits, labels, n_bins)
+    filled = bins[bins["count"] > 0]
+    weights = filled["count"] / bins["count"].sum()
+    return float((weights * (filled["accuracy"] - filled["confidence"]).abs()).sum())
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 200) -> float:
+    """The temperature ``T > 0`` that minimises the NLL of ``softmax(logits / T)`` on these (validation) logits.
+
+    One parameter, ``log T`` (so that ``T`` stays positive), fitted by L-BFGS. ``T > 1`` softens an
+    over-confident model; the argmax, and so the accuracy, never changes.
+    """
+    logits, labels = _check(logits, labels)
+    logits = logits.double()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    if not math.isfinite(temperature):
+        raise RuntimeError("temperature scaling diverged: are the logits finite?")
+    return temperature
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Calibrated logits ``logits / T``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be more than 0, got {temperature}")
+    return logits / temperature
+
+
+# --- robustness: corrupted images ----------------------------------------------------------------
+
+# Five severities per corruption, the parameters of CIFAR-10-C (Hendrycks and Dietterich, 2019).
+SEVERITIES: dict[str, tuple[float, ...]] = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise standard deviation, on the 0-1 pixel scale
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # blur standard deviation in pixels
+    "jpeg": (80, 65, 58, 50, 40),  # JPEG quality (lower: coarser)
+}
+CORRUPTIONS = tuple(SEVERITIES)
+
+
+def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = images.float()
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
+    from PIL import Image
+
+    out = torch.empty_like(images)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+        buffer.seek(0)
+        out[i] = torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()).permute(2, 0, 1)
+    return out
+
+
+def corrupt(images: torch.Tensor, corruption: str, severity: int, *, seed: int = 0) -> torch.Tensor:
+    """A corrupted copy of uint8 images ``[N, 3, H, W]``; ``severity`` 1-5 (0 returns the images unchanged).
+
+    ``gaussian_noise`` adds seeded noise, ``gaussian_blur`` blurs with a Gaussian kernel (reflected
+    borders), ``jpeg`` round-trips each image through Pillow's JPEG encoder.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"corrupt expects uint8 images [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}")
+    if corruption not in SEVERITIES:
+        raise ValueError(f"unknown corruption {corruption!r}; known: {', '.join(CORRUPTIONS)}")
+    levels = SEVERITIES[corruption]
+    if not 0 <= severity <= len(levels):
+        raise ValueError(f"severity must be 0 (clean) to {len(levels)}, got {severity}")
+    if severity == 0 or images.shape[0] == 0:
+        return images.clone()
+    level = levels[severity - 1]
+    images = images.cpu()
+    if corruption == "gaussian_noise":
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(images.shape, generator=generator) * (level * 255.0)
+        return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
+    if corruption == "gaussian_blur":
+        return _blur(images, float(level))
+    return _jpeg(images, int(level))
+
+
+def corruption_table(
+    predict: Predict,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = (1, 3, 5),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Accuracy under corruption: one row per corruption, one column per severity (column 0 = clean images).
+
+    ``predict`` maps uint8 images to logits; the clean images are predicted once.
+    """
+    clean = accuracy(predict(images), labels)
+    rows = {}
+    for corruption in corruptions:
+        row = {0: clean}
+        for severity in severities:
+            row[severity] = accuracy(predict(corrupt(images, corruption, severity, seed=seed)), labels)
+        rows[corruption] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "corruption"
+    table.columns.name = "severity"
+    return table
+
+
+__all__ = [
+    "CORRUPTIONS",
+    "SEVERITIES",
+    "accuracy",
+    "apply_temperature",
+    "average_logits",
+    "confident_mistakes",
+    "confusion_matrix",
+    "corrupt",
+    "corruption_table",
+    "expected_calibration_error",
+    "fit_temperature",
+    "flip_tta",
+    "nll",
+    "per_class_table",
+    "reliability_bins",
+    "top_k_accuracy",
+]

@@ -1,0 +1,291 @@
+"""The training loop: schedules against torch's, optimiser groups, determinism, exact resume, early
+stopping with best weights, budgets, hooks, NaN stops, bad input. Tiny models on 16x16 synthetic data."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_lessons import checkpoints, runtime
+from resnet_lessons.data import DataSplits, channel_stats, make_synthetic, stratified_split
+from resnet_lessons.models import build_model
+from resnet_lessons.profiles import get_profile
+from resnet_lessons.train import (
+    CHECKPOINT_NAME,
+    Hook,
+    StopTraining,
+    TrainConfig,
+    TrainingDiverged,
+    config_from_profile,
+    fit,
+    lr_at,
+    make_optimizer,
+    replace,
+    schedule_curve,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_data(per_class=24, val_per_class=6, size=16, seed=0) -> DataSplits:
+    images = make_synthetic(per_class, image_size=size, seed=seed)
+    rest, held = stratified_split(images.labels, val_per_class, seed)
+    train = images.subset(rest)
+    mean, std = channel_stats(train.images)
+    return DataSplits("synthetic", {"train": train, "val": images.subset(held)}, mean, std)
+
+
+DATA = tiny_data()
+CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2, quiet=True)
+
+
+def tiny_model(seed=0):
+    runtime.seed_everything(seed)
+    return build_model("resnet8", width=0.5)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- schedules and optimiser ---------------------------------------------------------------------
+
+
+def test_step_schedule_matches_torch_multistep():
+    cfg = replace(CFG, schedule="step", lr=0.1, step_milestones=(0.5, 0.75), step_gamma=0.1)
+    total = 40
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[20, 30], gamma=0.1)
+    for step in range(total):
+        assert lr_at(step, total, cfg) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+
+
+def test_cosine_after_warmup_matches_torch_cosine_annealing():
+    cfg = replace(CFG, schedule="cosine", lr=0.4, warmup_fraction=0.2, final_factor=0.0)
+    total, warmup = 50, 10
+    assert [lr_at(s, total, cfg) for s in range(warmup)] == pytest.approx([0.4 * (s + 1) / warmup for s in range(warmup)])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.4)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - 1 - warmup, eta_min=0.0)
+    for step in range(warmup, total):
+        assert lr_at(step, total, cfg) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+        optimizer.step()
+        reference.step()
+
+
+def test_onecycle_starts_low_peaks_after_warmup_and_ends_at_the_final_factor():
+    cfg = replace(CFG, schedule="onecycle", lr=0.2, warmup_fraction=0.25, start_factor=0.04, final_factor=0.01)
+    curve = schedule_curve(cfg, 100)
+    assert curve[0] == pytest.approx(0.008 + (0.2 - 0.008) / 25)  # hand calculation: 1/25 of the way up
+    assert max(curve) == pytest.approx(0.2) and curve.index(max(curve)) == 24
+    assert curve[-1] == pytest.approx(0.002)
+    assert all(a <= b for a, b in zip(curve[:25], curve[1:25])) and all(a >= b for a, b in zip(curve[24:], curve[25:]))
+
+
+def test_no_weight_decay_on_batchnorm_and_bias_unless_asked():
+    model = tiny_model()
+    groups = make_optimizer(model, CFG).param_groups
+    assert [g["weight_decay"] for g in groups] == [CFG.weight_decay, 0.0]
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    everything = make_optimizer(model, replace(CFG, decay_norm_and_bias=True)).param_groups
+    assert len(everything) == 1 and everything[0]["weight_decay"] == CFG.weight_decay
+
+
+@pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
+def test_optimizer_choice(name, kind):
+    optimizer = make_optimizer(tiny_model(), replace(CFG, optimizer=name))
+    assert type(optimizer) is kind
+    if name == "sgd":
+        assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+
+
+def test_config_from_profile_takes_the_profile_recipe():
+    profile = get_profile("cpu")
+    cfg = config_from_profile(profile, epochs=2)
+    assert (cfg.model, cfg.batch_size, cfg.lr, cfg.weight_decay) == (profile.model, profile.batch_size, profile.lr, profile.weight_decay)
+    assert (cfg.label_smoothing, cfg.seed, cfg.epochs, cfg.optimizer, cfg.schedule) == (profile.label_smoothing, profile.seed, 2, "sgd", "onecycle")
+    with pytest.raises(TypeError, match="no field"):
+        config_from_profile(profile, epoch=3)
+
+
+@pytest.mark.parametrize("budget", [0, -5.0])
+def test_a_budget_of_zero_or_less_is_rejected(budget):
+    with pytest.raises(ValueError, match="budget_seconds must be more than 0"):
+        TrainConfig(budget_seconds=budget)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def test_fit_learns_records_history_and_is_deterministic():
+    rows = []
+    a, b = tiny_model(), tiny_model()
+    result = fit(a, DATA, CFG, device="cpu", hooks=[rows.append])
+    fit(b, DATA, CFG, device="cpu")
+    history = result.history
+    assert list(history.columns[:7]) == ["epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    assert history["epoch"].tolist() == [1, 2, 3] and len(rows) == 3 and rows[-1]["epoch"] == 3
+    steps_per_epoch = len(DATA.train) // CFG.batch_size
+    assert result.steps == result.total_steps == 3 * steps_per_epoch
+    assert result.images_seen == 3 * steps_per_epoch * CFG.batch_size
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert (history["seconds"] > 0).all() and result.stopped == "completed"
+    assert same_weights(a, b), "same seed, same data, same config: the same weights on the CPU"
+
+
+def test_history_accuracy_matches_a_direct_evaluation():
+    from resnet_lessons.evaluate import evaluate
+
+    model = tiny_model()
+    result = fit(model, DATA, replace(CFG, epochs=1), device="cpu")
+    check = evaluate(model, DATA.val.images, DATA.val.labels, classes=DATA.classes, mean=DATA.mean, std=DATA.std)
+    assert result.history["val_accuracy"].iloc[-1] == pytest.approx(check.accuracy)
+    assert result.history["val_loss"].iloc[-1] == pytest.approx(check.loss, rel=1e-5)
+
+
+def test_hook_objects_see_start_rows_and_end_and_can_stop_the_run():
+    class Watcher(Hook):
+        def __init__(self):
+            self.plan, self.rows, self.result = None, [], None
+
+        def on_fit_start(self, plan):
+            self.plan = plan
+
+        def on_epoch_end(self, row):
+            self.rows.append(row)
+            if row["epoch"] == 2:
+                raise StopTraining
+
+        def on_fit_end(self, result):
+            self.result = result
+
+    watcher = Watcher()
+    result = fit(tiny_model(), DATA, replace(CFG, epochs=5), device="cpu", hooks=[watcher])
+    assert watcher.plan["epochs"] == 5 and watcher.plan["steps_per_epoch"] == len(DATA.train) // CFG.batch_size
+    assert [r["epoch"] for r in watcher.rows] == [1, 2] and watcher.result is result and result.stopped == "hook"
+
+
+def test_early_stopping_restores_the_weights_of_the_best_epoch():
+    # Validation labels shuffled: the train fit does not carry over, so the best epoch comes early.
+    generator = torch.Generator().manual_seed(1)
+    val = DATA.val
+    noisy = DataSplits(DATA.source, {"train": DATA.train, "val": type(val)(val.images, val.labels[torch.randperm(len(val), generator=generator)], val.classes)}, DATA.mean, DATA.std)
+    snapshots = {}
+    model = tiny_model()
+    hook = lambda row: snapshots.__setitem__(row["epoch"], {k: v.clone() for k, v in model.state_dict().items()})
+    cfg = replace(CFG, epochs=8, patience=2, monitor="val_loss", lr=0.4)
+    result = fit(model, noisy, cfg, device="cpu", hooks=[hook])
+    best = int(result.history["val_loss"].idxmin()) + 1
+    assert result.best_epoch == best and result.best_score == pytest.approx(result.history["val_loss"].min())
+    if result.stopped == "early_stopping":
+        assert len(result.history) == best + 2
+    assert all(torch.equal(v, snapshots[best][k]) for k, v in model.state_dict().items())
+
+
+def test_budget_run_plans_its_steps_to_end_within_the_budget(monkeypatch):
+    import resnet_lessons.train as train_module
+
+    clock = iter(range(10**9))  # a fake clock: 10 ms per reading, so the plan is the same on any machine
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock) * 0.01)
+    cfg = replace(CFG, epochs=1, budget_seconds=1.5, budget_probe_steps=3)
+    result = fit(tiny_model(), DATA, cfg, device="cpu")
+    assert result.stopped == "budget" and result.steps == result.total_steps
+    assert result.total_steps > len(DATA.train) // CFG.batch_size  # more than cfg.epochs: the budget decides
+    assert result.seconds <= cfg.budget_seconds
+    assert result.history["lr"].iloc[-1] == pytest.approx(lr_at(result.total_steps - 1, result.total_steps, cfg))
+
+
+def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path):
+    reference = tiny_model()
+    fit(reference, DATA, CFG, device="cpu")
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # after the checkpoint of epoch 1, before that of epoch 2
+
+    model = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, DATA, CFG, device="cpu", hooks=[crash], checkpoint_dir=tmp_path)
+    assert checkpoints.load(tmp_path / CHECKPOINT_NAME).train_state["epoch"] == 1
+    resumed = tiny_model(seed=123)  # a different initialisation: every weight must come from the checkpoint
+    result = fit(resumed, DATA, CFG, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert result.history["epoch"].tolist() == [1, 2, 3]
+    assert same_weights(reference, resumed)
+
+
+def test_resume_refuses_a_changed_recipe_and_a_second_run_does_not_overwrite(tmp_path):
+    fit(tiny_model(), DATA, replace(CFG, epochs=1), device="cpu", checkpoint_dir=tmp_path)
+    with pytest.raises(FileExistsError, match="already exists"):
+        fit(tiny_model(), DATA, replace(CFG, epochs=1), device="cpu", checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"recipe changed \(lr: 0.2 -> 0.1"):
+        fit(tiny_model(), DATA, replace(CFG, epochs=1, lr=0.1), device="cpu", checkpoint_dir=tmp_path, resume=True)
+
+
+class NaNAfter(nn.Module):
+    """A tiny network whose training forward returns NaN from its ``after``-th call on."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    steps_per_epoch = len(DATA.train) // CFG.batch_size
+    model = NaNAfter(after=steps_per_epoch + 3)  # the 3rd step of epoch 2
+    cfg = replace(CFG, model=None, model_options={})
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite in epoch 2 \(by batch 3.*last good checkpoint"):
+        fit(model, DATA, cfg, device="cpu", checkpoint_dir=tmp_path)
+    saved = checkpoints.load(tmp_path / CHECKPOINT_NAME)
+    assert saved.train_state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved.model_state.values())
+
+
+def test_gradient_clipping_bounds_the_update():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = replace(CFG, model=None, epochs=1, optimizer="sgd", momentum=0.0, schedule="constant", lr=1.0,
+                  weight_decay=0.0, grad_clip=1e-3, batch_size=len(DATA.train), crop_padding=0, flip=False)
+    fit(model, DATA, cfg, device="cpu")
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert float(moved) == pytest.approx(1e-3, rel=1e-3)  # one step of lr 1 along a gradient of norm 1e-3
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="a-file"):
+        fit(tiny_model(), DATA, replace(CFG, epochs=1), device="cpu", checkpoint_dir=blocker / "run")
+
+
+def test_train_loss_is_torch_cross_entropy_with_label_smoothing():
+    import torch.nn.functional as F
+
+    from resnet_lessons.evaluate import infer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    cfg = replace(CFG, model=None, epochs=1, lr=1e-12, momentum=0.0, label_smoothing=0.3, crop_padding=0, flip=False)
+    logits = infer(model, DATA.train.images, mean=DATA.mean, std=DATA.std)  # before: lr 1e-12 moves nothing
+    result = fit(model, DATA, cfg, device="cpu")
+    assert len(DATA.train) % cfg.batch_size == 0  # every image is used once
+    expected = F.cross_entropy(logits, DATA.train.labels, label_smoothing=0.3).item()
+    assert result.history["train_loss"].iloc[0] == pytest.approx(expected, rel=1e-5)
