@@ -40,9 +40,9 @@ def test_block_gradient_formula(training: bool) -> None:
     torch.manual_seed(0)
     block = BasicBlock(4, 4).train(training)
     result = check_block_gradient(block, torch.randn(3, 4, 5, 5))
-    assert result["max |autograd - formula|, y = F(x) + x"] < 1e-5
-    assert result["max |autograd - formula|, z = ReLU(F(x) + x)"] < 1e-5
-    assert result["norm of dL/dy dF/dx (branch path)"] > 0
+    assert result["max error: y = F(x) + x"] < 1e-5
+    assert result["max error: z = ReLU(F(x) + x)"] < 1e-5
+    assert result["norm: dL/dy dF/dx (branch path)"] > 0
 
 
 def test_block_gradient_needs_identity_shortcut() -> None:
@@ -73,3 +73,17 @@ def test_gradient_norms_match_manual_backward_and_leave_no_trace() -> None:
     nn.functional.cross_entropy(model(images), labels).backward()  # the reference: a plain backward pass
     expected = [model.get_submodule(name).weight.grad.norm().item() for name in table["name"]]
     assert table["grad_norm"].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_plot_and_depth_widget() -> None:
+    from resnet_lessons import plots, widgets
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    norms = gradient_norms(build_model("resnet8"), images, labels).assign(model="resnet8")
+    fig = plots.gradient_norm_profile(norms)
+    assert len(fig.axes[0].lines) == 1 and fig.axes[0].get_yscale() == "log"
+    box = widgets.figure_stack({"8": fig, "8 again": plots.gradient_norm_profile(norms)}, description="depth")
+    slider, stack = box.children
+    assert list(slider.options) == ["8", "8 again"] and len(stack.children) == 2
+    assert bytes(stack.children[0].value).startswith(b"\x89PNG")

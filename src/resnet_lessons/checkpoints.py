@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -173,17 +172,21 @@ def load_raw(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        detail = f" (it asks for {found.group(1)})" if found else ""
+    except Exception as error:  # the weights-only unpickler raises many kinds on a damaged file
+        text = str(error)
+        unsafe = re.search(r"Unsupported (global|operand|class)|GLOBAL", text)
+        if isinstance(error, pickle.UnpicklingError) and unsafe:
+            found = re.search(r"GLOBAL (\S+)", text)
+            asks = f" (it asks for {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"refused to load {path}: it holds objects other than tensors and plain data{asks}, which "
+                "could run code when unpickled; torch.load(weights_only=True) stopped before running any. "
+                "Only load files from sources you trust."
+            ) from error
+        message = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain data{detail}, which "
-            "could run code when unpickled; torch.load(weights_only=True) stopped before running any. "
-            "Only load files from sources you trust."
+            f"{path} is damaged or truncated, or not a PyTorch file ({type(error).__name__}: {message[:200]})"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is damaged or truncated, or not a PyTorch file: {message}") from error
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         kind = "a state dict or another program's checkpoint" if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path} is not a resnet-lessons checkpoint (it is {kind})")

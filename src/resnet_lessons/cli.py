@@ -27,6 +27,535 @@ def _print_json(obj: object) -> None:
 # Each _add_* function adds one subparser and sets ``handler`` to its _run_* function.
 
 
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train a network from scratch (the profile's recipe unless told otherwise)",
+        description="Train from scratch with the one training loop (SGD + Nesterov, one-cycle). Writes "
+        "OUT/model.pt, OUT/history.csv and OUT/metrics.json, and OUT/checkpoint.pt after every epoch "
+        "(resume it with --resume). Under torchrun each process trains on its shard; rank 0 writes.",
+    )
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="cifar10, synthetic, or a path to an image folder or .zip")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the model, history and metrics")
+    p.add_argument("--model", metavar="NAME", help="a model name (see resnet_lessons.models); default: the profile's")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+    length.add_argument("--budget-seconds", type=float, metavar="S",
+                        help="wall-clock budget: the schedule is planned to end within S seconds")
+    p.add_argument("--seed", type=int, metavar="K", help="seed for splits, initialisation and shuffling")
+    p.add_argument("--profile", metavar="P", help="smoke, cpu or gpu (default: RESNET_LESSONS_PROFILE, else by hardware)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.set_defaults(handler=_run_train)
+
+
+def _train_settings(args: argparse.Namespace):  # -> (Profile, source)
+    from .profiles import SettingsError, check_source, from_env, get_profile
+
+    try:
+        profile = get_profile(args.profile) if args.profile else from_env().profile
+        return profile, check_source(args.data)
+    except SettingsError as error:
+        raise CommandError(str(error)) from None
+
+
+def _load_data(source: str, profile, seed: int, image_size: int = 32):  # -> DataSplits
+    from .data import DataError, DataUnavailable, load
+
+    try:
+        return load(source, image_size=image_size, val_per_class=profile.val_per_class,
+                    train_per_class=profile.train_per_class, synthetic_per_class=profile.synthetic_per_class,
+                    seed=seed)
+    except (DataUnavailable, DataError) as error:  # never a silent fallback to synthetic here
+        raise CommandError(str(error)) from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import checkpoints, distributed, runtime
+    from .models import build_model
+    from .train import CHECKPOINT_NAME, config_from_profile, fit
+
+    if args.epochs is not None and args.epochs < 1:
+        raise CommandError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.budget_seconds is not None and not args.budget_seconds > 0:
+        raise CommandError(f"--budget-seconds must be more than 0, got {args.budget_seconds:g}")
+    profile, source = _train_settings(args)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    existing = [name for name in ("model.pt", CHECKPOINT_NAME) if (out / name).exists()]
+    if existing and not args.resume:
+        raise CommandError(f"{out} already holds {', '.join(existing)}; pass --resume to continue, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CommandError(f"cannot write into the output folder {out}: {error.strerror or error}") from None
+
+    world = distributed.setup(args.device)
+    try:
+        seed = profile.seed if args.seed is None else args.seed
+        overrides: dict = {"seed": seed}
+        if args.model and args.model != profile.model:
+            overrides.update(model=args.model, model_options={})
+        if args.epochs is not None:
+            overrides["epochs"] = args.epochs
+        if args.budget_seconds is not None:
+            overrides["budget_seconds"] = args.budget_seconds
+        cfg = config_from_profile(profile, **overrides)
+        if world.device.type == "cpu" and not world.distributed:
+            runtime.cpu_threads()
+        data = _load_data(source, profile, seed)
+        runtime.seed_everything(seed)
+        try:
+            model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_options)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CommandError(str(error).strip("'\"")) from None
+        if world.is_main:
+            print(f"training {cfg.model} on {source} ({len(data.train):,} images, {profile.name} profile) on "
+                  f"{runtime.describe_device(world.device)} x{world.world_size}", file=sys.stderr)
+        result = fit(model, data, cfg, device=world.device, checkpoint_dir=out, resume=args.resume)
+        if world.is_main:
+            metrics = _train_metrics(result, data, cfg, profile, source, world)
+            extra = {"data": {"source": source, "val_per_class": profile.val_per_class,
+                              "train_per_class": profile.train_per_class,
+                              "synthetic_per_class": profile.synthetic_per_class, "seed": seed,
+                              "image_size": data.train.image_size[0]},
+                     "train_config": cfg.as_dict(), "metrics": metrics}
+            payload = checkpoints.make_checkpoint(
+                model, model_name=cfg.model, model_options=cfg.model_options, classes=data.classes,
+                mean=data.mean, std=data.std, history=result.history, extra=extra)
+            checkpoints.save(payload, out / "model.pt")
+            result.history.to_csv(out / "history.csv", index=False)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            print(f"val accuracy {metrics['val_accuracy']:.4f} after {metrics['epochs']} epochs "
+                  f"({metrics['stopped']}, {metrics['seconds']:.0f} s); wrote {out / 'model.pt'}", file=sys.stderr)
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+def _train_metrics(result, data, cfg, profile, source: str, world) -> dict:
+    import math
+
+    import torch
+
+    from . import __version__
+
+    last = result.final
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731 (JSON has no NaN)
+    return {
+        "val_accuracy": clean(last.get("val_accuracy")),
+        "val_loss": clean(last.get("val_loss")),
+        "train_loss": clean(last.get("train_loss")),
+        "best_epoch": result.best_epoch,
+        "epochs": int(last.get("epoch", 0)),
+        "steps": result.steps,
+        "images_seen": result.images_seen,
+        "seconds": result.seconds,
+        "stopped": result.stopped,
+        "model": cfg.model,
+        "model_options": cfg.model_options,
+        "profile": profile.name,
+        "data": source,
+        "notes": list(data.notes),
+        "world_size": world.world_size,
+        "device": str(world.device),
+        "library_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="accuracy and loss of a checkpoint on a data split",
+        description="Evaluate CHECKPOINT on a split of SOURCE with the normalisation stored in the checkpoint. "
+        "The validation split is carved exactly as in training (the checkpoint records how).",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt written by resnet-lessons")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="cifar10, synthetic, or an image folder or .zip")
+    p.add_argument("--split", metavar="NAME", help="train, val, test or holdout (default: test if there is one, else val)")
+    p.add_argument("--json", action="store_true", help='print {"accuracy", "loss", "n", "per_class"} as JSON')
+    p.add_argument("--batch-size", type=int, default=500, metavar="B", help="images per forward pass (default 500)")
+    p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, mps (default: the best available)")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _load_checkpoint(path: str):  # -> checkpoints.Checkpoint
+    from . import checkpoints
+
+    try:
+        return checkpoints.load(path)
+    except checkpoints.CheckpointError as error:
+        raise CommandError(str(error)) from None
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from . import runtime
+    from .checkpoints import CheckpointError, ClassMismatch
+    from .evaluate import evaluate
+    from .profiles import NAMED_SOURCES, SettingsError, check_source, get_profile
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    checkpoint = _load_checkpoint(args.checkpoint)
+    try:
+        source = check_source(args.data)
+    except SettingsError as error:
+        raise CommandError(str(error)) from None
+    recorded = dict(checkpoint.extra.get("data") or {})
+    smoke = get_profile("smoke")
+    split_sizes = {
+        "val_per_class": recorded.get("val_per_class", smoke.val_per_class if source == "synthetic" else 500),
+        "train_per_class": recorded.get("train_per_class"),
+        "synthetic_per_class": recorded.get("synthetic_per_class", smoke.synthetic_per_class),
+    }
+    profile = type("Recorded", (), split_sizes)()
+    data = _load_data(source, profile, recorded.get("seed", 0), image_size=recorded.get("image_size", 32))
+    split = args.split or ("test" if "test" in data.splits else "val")
+    if split not in data.splits:
+        raise CommandError(f"{source} has no split {split!r}; it has {', '.join(data.splits)}")
+    try:
+        checkpoint.check_classes(data.classes, what=f"{source}")
+        device = runtime.pick_device(args.device)
+        model = checkpoint.build_model(device)
+    except (ClassMismatch, CheckpointError, RuntimeError) as error:
+        raise CommandError(str(error)) from None
+    images = data[split]
+    result = evaluate(model, images.images, images.labels, classes=checkpoint.classes, mean=checkpoint.mean,
+                      std=checkpoint.std, batch_size=args.batch_size, device=device)
+    if args.json:
+        _print_json(result.as_dict())
+    else:
+        print(f"{args.checkpoint} on {source} [{split}]: accuracy {result.accuracy:.4f}, "
+              f"loss {result.loss:.4f}, {result.n:,} images")
+        for name, accuracy in result.per_class.items():
+            print(f"  {name:>12}  {accuracy:.4f}")
+    return 0
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "predict",
+        help="the top classes of image files",
+        description="Classify image files with CHECKPOINT. A file that cannot be read gets its own error "
+        "and the others are still predicted (exit code 1 if any failed).",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt written by resnet-lessons")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default 3)")
+    p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"class", "p"}], "error"}] as JSON')
+    p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, mps (default: the best available)")
+    p.set_defaults(handler=_run_predict)
+
+
+def _read_image(path: str, size: int):  # -> uint8 tensor [3, size, size]
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .data.folders import _fit, _to_rgb
+
+    with Image.open(path) as image:
+        image.load()
+        array = np.asarray(_fit(_to_rgb(image), size))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import runtime
+    from .checkpoints import CheckpointError
+    from .evaluate import infer
+
+    if args.top_k < 1:
+        raise CommandError(f"--top-k must be at least 1, got {args.top_k}")
+    checkpoint = _load_checkpoint(args.checkpoint)
+    size = int((checkpoint.extra.get("data") or {}).get("image_size", 32))
+    try:
+        device = runtime.pick_device(args.device)
+        model = checkpoint.build_model(device)
+    except (CheckpointError, RuntimeError) as error:
+        raise CommandError(str(error)) from None
+    entries, images, readable = [], [], []
+    for path in args.images:
+        entry: dict = {"file": path, "top": [], "error": None}
+        try:
+            images.append(_read_image(path, size))
+            readable.append(entry)
+        except Exception as error:  # Pillow raises many kinds; each file gets its own message
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            entry["error"] = f"cannot read {path} as an image: {reason}"
+        entries.append(entry)
+    if images:
+        logits = infer(model, torch.stack(images), mean=checkpoint.mean, std=checkpoint.std, device=device)
+        probabilities = logits.softmax(dim=1)
+        k = min(args.top_k, probabilities.shape[1])
+        values, indices = probabilities.topk(k, dim=1)
+        for entry, p_row, i_row in zip(readable, values.tolist(), indices.tolist()):
+            entry["top"] = [{"class": checkpoint.classes[i], "p": p} for p, i in zip(p_row, i_row)]
+    if args.json:
+        _print_json(entries)
+    else:
+        for entry in entries:
+            if entry["error"]:
+                print(f"{entry['file']}: error: {entry['error']}")
+            else:
+                print(f"{entry['file']}: " + ", ".join(f"{t['class']} {t['p']:.3f}" for t in entry["top"]))
+    return 1 if any(entry["error"] for entry in entries) else 0
+
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "data",
+        help="summarise a data source: splits, images per class, image size, classes",
+        description="Load a data source as the library does (val carved out of train where the source has "
+        "none) and summarise it: splits, images per class in each split, image size, class names in label "
+        "order. The first load of an image folder or zip decodes and caches it; later loads are quick.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="cifar10, synthetic, or a path to an image folder or .zip")
+    p.add_argument("--json", action="store_true", help="print JSON: classes, image_size, splits")
+    p.add_argument("--image-size", type=int, default=32, metavar="PX", help="side of the square images (32)")
+    p.add_argument("--val-per-class", type=int, default=500, metavar="N",
+                   help="validation images per class carved out of train when the source has no val (500)")
+    p.add_argument("--synthetic-per-class", type=int, default=2000, metavar="N",
+                   help="training images per class of the synthetic source (2000)")
+    p.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the train/val split (0)")
+    p.add_argument("--cache-dir", metavar="DIR", help="data cache (default ~/.cache/resnet_lessons)")
+    p.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.set_defaults(handler=_run_data)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from .data import DataError, DataUnavailable, load
+
+    try:
+        d = load(args.source, image_size=args.image_size, val_per_class=args.val_per_class, seed=args.seed,
+                 synthetic_per_class=args.synthetic_per_class, cache_dir=args.cache_dir,
+                 download=not args.no_download, skip_bad=args.skip_bad)
+    except (DataError, DataUnavailable) as error:
+        raise CommandError(str(error)) from None
+    summary = {
+        "classes": list(d.classes),
+        "image_size": list(d.train.image_size),
+        "splits": {name: {"n": len(s), "per_class": s.counts()} for name, s in d.splits.items()},
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    height, width = d.train.image_size
+    print(f"source      {d.source}")
+    print(f"image size  {height} x {width} (RGB)")
+    print(f"classes     {len(d.classes)}: {', '.join(d.classes)}")
+    names = list(d.splits)
+    width_name = max(len(c) for c in d.classes + ("class", "total"))
+    print(f"\n{'class':<{width_name}}" + "".join(f"{n:>9}" for n in names))
+    for c in d.classes:
+        print(f"{c:<{width_name}}" + "".join(f"{d.splits[n].counts()[c]:>9,}" for n in names))
+    print(f"{'total':<{width_name}}" + "".join(f"{len(d.splits[n]):>9,}" for n in names))
+    print(f"\nmean (train) {tuple(round(m, 4) for m in d.mean)}  std {tuple(round(s, 4) for s in d.std)}")
+    for note in d.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or TorchScript, verified by running the exported file",
+        description="Write FILE (ONNX or TorchScript) and FILE.json, its model card: class names, normalisation "
+        "(mean, std), input size, model name and versions (the card is also stored inside FILE). The export is "
+        "loaded back and run (ONNX through onnxruntime) on images and its logits compared with PyTorch's; "
+        "FILE is replaced only when they match.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt or checkpoint.pt written by resnet-lessons")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="onnx or torchscript")
+    p.add_argument("--out", required=True, metavar="FILE", help="the exported file (FILE.json is written beside it)")
+    p.add_argument("--data", metavar="SOURCE", help="verify on validation images of SOURCE (cifar10, synthetic, "
+                   "an image folder or .zip), split as the checkpoint records; default: random images")
+    p.add_argument("--verify-images", type=int, default=256, metavar="N", help="images to verify on (256)")
+    p.add_argument("--tolerance", type=float, default=1e-3, metavar="T",
+                   help="largest |logit difference| accepted (1e-3)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoints import CheckpointError
+    from .export import ExportError, ModelCard, export_model
+    from .profiles import SettingsError, check_source, get_profile
+
+    if args.verify_images < 1:
+        raise CommandError(f"--verify-images must be at least 1, got {args.verify_images}")
+    if not args.tolerance > 0:
+        raise CommandError(f"--tolerance must be more than 0, got {args.tolerance:g}")
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a folder; give a file name such as {out / 'model.onnx'}")
+    checkpoint = _load_checkpoint(args.checkpoint)
+    recorded = dict(checkpoint.extra.get("data") or {})
+    size = int(recorded.get("image_size", 32))
+    if args.data:
+        try:
+            source = check_source(args.data)
+        except SettingsError as error:
+            raise CommandError(str(error)) from None
+        smoke = get_profile("smoke")
+        profile = type("Recorded", (), {
+            "val_per_class": recorded.get("val_per_class", smoke.val_per_class if source == "synthetic" else 500),
+            "train_per_class": recorded.get("train_per_class"),
+            "synthetic_per_class": recorded.get("synthetic_per_class", smoke.synthetic_per_class)})()
+        data = _load_data(source, profile, recorded.get("seed", 0), image_size=size)
+        split = "val" if "val" in data.splits else next(iter(data.splits))
+        images, inputs = data[split].images[: args.verify_images], f"{source} {split} images"
+    else:
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (args.verify_images, 3, size, size), dtype=torch.uint8, generator=generator)
+        inputs = "random images (pass --data to verify on real ones)"
+    try:
+        model = checkpoint.build_model("cpu")
+        result = export_model(model, out, format=args.format, card=ModelCard.from_checkpoint(checkpoint, size),
+                              images=images, tolerance=args.tolerance, inputs=inputs)
+    except (CheckpointError, ExportError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    except OSError as error:
+        raise CommandError(f"cannot write {out}: {error.strerror or error}") from None
+    engine = "onnxruntime" if args.format == "onnx" else "torch.jit"
+    print(f"wrote {result.path} ({args.format}, {result.size_bytes / 1e6:.2f} MB) and {result.sidecar}")
+    print(f"verified with {engine} on {result.comparison.summary()}")
+    return 0
+
+
+def _add_finetune(commands: argparse._SubParsersAction) -> None:
+    from .finetune import STRATEGIES
+
+    p = commands.add_parser(
+        "finetune",
+        help="fine-tune pretrained weights (ImageNet's, or a file) on a data source",
+        description="Load pretrained weights (torchvision's ImageNet weights through the weights API, or a local "
+        "file: a resnet-lessons model.pt or a torchvision .pth state dict), replace the head for the data's "
+        "classes, freeze what the strategy freezes and train with the one training loop. Writes OUT/model.pt, "
+        "OUT/history.csv and OUT/metrics.json, as train does; evaluate and predict read the model.pt.",
+    )
+    p.add_argument("--weights", required=True, metavar="imagenet|PATH",
+                   help="'imagenet' (torchvision's default ImageNet weights; 'imagenet:IMAGENET1K_V1' names a "
+                   "version), or a path to a model.pt or a torchvision state dict")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="cifar10, synthetic, or an image folder or .zip")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the model, history and metrics")
+    p.add_argument("--model", metavar="NAME", help="the architecture (default: resnet18 for imagenet, else the file's)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="full",
+                   help="linear: train the head only (backbone and BatchNorm statistics frozen); full: train "
+                   "everything; discriminative: lower learning rates for lower stages; gradual: unfreeze one "
+                   "stage per epoch from the top (default: full)")
+    p.add_argument("--image-size", type=int, metavar="N", help="resize the images to N x N (default: 160 for "
+                   "ImageNet weights with their 7x7 stem, which shrink a 32x32 image to 1x1 by the last stage; "
+                   "else the data's own 32)")
+    p.add_argument("--stem", choices=("imagenet", "cifar"), help="swap the weights' stem: 'cifar' puts a fresh "
+                   "3x3 stem without max-pool on ImageNet weights (default: keep the weights' stem)")
+    p.add_argument("--new-head", action="store_true", help="replace the head of a resnet-lessons checkpoint "
+                   "trained on other classes (torchvision weights always get a new head)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+    length.add_argument("--budget-seconds", type=float, metavar="S",
+                        help="wall-clock budget: the schedule is planned to end within S seconds")
+    p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate of the head (default: by strategy)")
+    p.add_argument("--seed", type=int, metavar="K", help="seed for splits, the new head and shuffling")
+    p.add_argument("--profile", metavar="P", help="smoke, cpu or gpu (default: RESNET_LESSONS_PROFILE, else by hardware)")
+    p.add_argument("--hub-dir", metavar="DIR", help="torch hub folder for ImageNet weights (default: "
+                   "torch.hub.get_dir(); the weights file lives in its checkpoints/ folder)")
+    p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+    import types
+    from pathlib import Path
+
+    from . import checkpoints, finetune, runtime
+
+    for flag, value in (("--epochs", args.epochs), ("--image-size", args.image_size)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--budget-seconds", args.budget_seconds), ("--lr", args.lr)):
+        if value is not None and not value > 0:
+            raise CommandError(f"{flag} must be more than 0, got {value:g}")
+    profile, source = _train_settings(args)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    if (out / "model.pt").exists():
+        raise CommandError(f"{out} already holds model.pt; choose another --out")
+    try:
+        device = runtime.pick_device(args.device)
+        if device.type == "cpu":
+            runtime.cpu_threads()
+        model_name = args.model or ("resnet18" if args.weights.startswith("imagenet") else None)
+        weights = finetune.load_weights(args.weights, model_name or "", hub_dir=args.hub_dir, progress=True)
+        model_name = model_name or weights.model_name
+        if not model_name:
+            raise CommandError(f"cannot tell which architecture {args.weights} holds; name it with --model")
+        stem = args.stem or weights.model_options.get("stem")
+        size = args.image_size or (160 if weights.classes is None and stem == "imagenet" else 32)
+        seed = profile.seed if args.seed is None else args.seed
+        data = _load_data(source, profile, seed, image_size=size)
+        runtime.seed_everything(seed)
+        ready = finetune.pretrained_model(model_name, len(data.classes), weights, stem=args.stem,
+                                          new_head=True if args.new_head else None, classes=data.classes)
+    except (finetune.WeightsError, finetune.WeightsUnavailable, RuntimeError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    data = finetune.with_normalisation(data, ready.mean, ready.std)
+    overrides: dict = {"model": model_name, "model_options": ready.model_options, "seed": seed}
+    for name in ("epochs", "budget_seconds", "lr"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    cfg = finetune.finetune_config(profile, args.strategy, image_size=size, **overrides)
+    if len(data.train) < cfg.batch_size:  # few labels: one batch of all of them, not zero steps per epoch
+        cfg = dataclasses.replace(cfg, batch_size=len(data.train))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fine-tuning {model_name} from {weights.source} ({args.strategy}) on {source} at {size}x{size} "
+          f"({len(data.train):,} images) on {runtime.describe_device(device)}", file=sys.stderr)
+    result = finetune.finetune(ready.model, data, cfg, strategy=args.strategy, device=device,
+                               new_modules=ready.new_modules)
+    world = types.SimpleNamespace(world_size=1, device=device)
+    metrics = _train_metrics(result, data, cfg, profile, source, world)
+    metrics["finetune"] = {"weights": weights.source, "strategy": args.strategy, "image_size": size,
+                           "new_modules": list(ready.new_modules), "lr": cfg.lr}
+    extra = {"data": {"source": source, "val_per_class": profile.val_per_class,
+                      "train_per_class": profile.train_per_class, "synthetic_per_class": profile.synthetic_per_class,
+                      "seed": seed, "image_size": size},
+             "train_config": cfg.as_dict(), "metrics": metrics}
+    payload = checkpoints.make_checkpoint(ready.model, model_name=model_name, model_options=ready.model_options,
+                                          classes=data.classes, mean=data.mean, std=data.std,
+                                          history=result.history, extra=extra)
+    _write_run(out, payload, result.history, metrics)
+    accuracy = "n/a" if metrics["val_accuracy"] is None else f"{metrics['val_accuracy']:.4f}"
+    print(f"val accuracy {accuracy} after {metrics['epochs']} epochs ({metrics['stopped']}, "
+          f"{metrics['seconds']:.0f} s); wrote {out / 'model.pt'}", file=sys.stderr)
+    return 0
+
+
+def _write_run(out, payload: dict, history, metrics: dict) -> None:
+    """model.pt, history.csv and metrics.json of a finished run (the files train writes)."""
+    from . import checkpoints
+
+    checkpoints.save(payload, out / "model.pt")
+    history.to_csv(out / "history.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 

@@ -192,10 +192,10 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[-1].flatten(1)
 
 
-def embed_2d(features: torch.Tensor, method: str = "pca", *, seed: int = 0) -> torch.Tensor:
+def embed_2d(features: torch.Tensor, method: str = "pca", *, seed: int = 0, **tsne_options: Any) -> torch.Tensor:
     """Points ``[N, 2]`` for plotting ``[N, D]`` features: ``"pca"`` (the two directions of largest
     variance, via ``torch.pca_lowrank``) or ``"tsne"`` (scikit-learn's t-SNE, which keeps near
-    neighbours near and says little about large distances)."""
+    neighbours near and says little about large distances; ``tsne_options`` go to ``TSNE``)."""
     if features.ndim != 2 or features.shape[0] < 3:
         raise ValueError(f"need features [N, D] with N >= 3; got {tuple(features.shape)}")
     features = features.float().cpu()
@@ -217,7 +217,8 @@ def embed_2d(features: torch.Tensor, method: str = "pca", *, seed: int = 0) -> t
         except ImportError as error:
             raise ImportError("t-SNE needs scikit-learn: pip install scikit-learn (or use method='pca')") from error
         perplexity = float(min(30, max(2, (features.shape[0] - 1) // 3)))
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        options = {"perplexity": perplexity, "init": "pca", "random_state": seed, **tsne_options}
+        tsne = TSNE(n_components=2, **options)
         return torch.from_numpy(tsne.fit_transform(features.numpy()).astype(np.float32))
     raise ValueError(f"unknown method {method!r}; use 'pca' or 'tsne'")
 
@@ -266,7 +267,7 @@ class SearchResult:
         if self.neighbours.empty:
             return torch.empty(0, 0, dtype=torch.long)
         table = self.neighbours.pivot(index="query", columns="rank", values="gallery_index")
-        return torch.as_tensor(table.loc[self.query_index].to_numpy(), dtype=torch.long)
+        return torch.tensor(table.loc[self.query_index].to_numpy(), dtype=torch.long)
 
 
 Item = torch.Tensor | str | Path

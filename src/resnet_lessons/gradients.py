@@ -38,7 +38,8 @@ def check_block_gradient(block: Block, x: Tensor, grad_output: Tensor | None = N
 
     ``grad_output`` plays dL/dy (random when not given). Also checks the full block,
     ReLU(F(x) + x), where the formula becomes ``g + g dF/dx`` with ``g = dL/dz * (y > 0)``.
-    Needs an identity shortcut (stride 1, same width). Returns gradient norms and the largest errors."""
+    Needs an identity shortcut (stride 1, same width). Returns gradient norms and the largest
+    differences between autograd and the formula ("max error: ...")."""
     if block.downsample is not None:
         raise ValueError("the check needs a block with an identity shortcut (stride 1, same channels)")
     x = x.detach().clone().requires_grad_(True)
@@ -55,11 +56,11 @@ def check_block_gradient(block: Block, x: Tensor, grad_output: Tensor | None = N
     gated = grad_output * (y > 0)
     (gated_branch,) = torch.autograd.grad(branch, x, gated)
     return pd.Series({
-        "norm of dL/dy (identity path)": grad_output.norm().item(),
-        "norm of dL/dy dF/dx (branch path)": through_branch.norm().item(),
-        "norm of dL/dx (autograd)": autograd.norm().item(),
-        "max |autograd - formula|, y = F(x) + x": (autograd - formula).abs().max().item(),
-        "max |autograd - formula|, z = ReLU(F(x) + x)": (autograd_block - (gated + gated_branch)).abs().max().item(),
+        "norm: dL/dy (shortcut path)": grad_output.norm().item(),
+        "norm: dL/dy dF/dx (branch path)": through_branch.norm().item(),
+        "norm: dL/dx (autograd)": autograd.norm().item(),
+        "max error: y = F(x) + x": (autograd - formula).abs().max().item(),
+        "max error: z = ReLU(F(x) + x)": (autograd_block - (gated + gated_branch)).abs().max().item(),
     })
 
 

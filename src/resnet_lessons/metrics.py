@@ -201,7 +201,7 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bin
     return float((weights * (filled["accuracy"] - filled["confidence"]).abs()).sum())
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 200) -> float:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 50) -> float:
     """The temperature ``T > 0`` that minimises the NLL of ``softmax(logits / T)`` on these (validation) logits.
 
     One parameter, ``log T`` (so that ``T`` stays positive), fitted by L-BFGS. ``T > 1`` softens an

@@ -36,3 +36,27 @@ def figure_stack(figures: Mapping[str, Figure], description: str = "show", dpi: 
     slider = widgets.SelectionSlider(options=labels, value=labels[0], description=description)
     widgets.jslink((slider, "index"), (stack, "selected_index"))
     return widgets.VBox([slider, stack])
+
+
+def augmentation_explorer(images, augment=None, copies: int = 6, seed: int = 0, row_labels=None) -> widgets.VBox:  # type: ignore[no-untyped-def]
+    """A slider over augmentation strengths: for each setting, the images beside ``copies`` augmented
+    draws (the training code path, :func:`resnet_lessons.data.preview`). Static-HTML friendly.
+
+    ``augment`` maps a label to an :class:`~resnet_lessons.data.Augment`; by default none, crop, crop +
+    flip, crop + flip + Cutout.
+    """
+    from .data import Augment, preview
+    from .plots import augmentation_grid
+
+    if augment is None:
+        augment = {
+            "none": Augment(crop_padding=0, flip=False),
+            "crop": Augment(flip=False),
+            "crop + flip": Augment(),
+            "crop + flip + cutout 12": Augment(cutout=12),
+        }
+    figures = {
+        label: augmentation_grid(images, preview(images, aug, copies, seed), row_labels=row_labels, title=label)
+        for label, aug in augment.items()
+    }
+    return figure_stack(figures, description="augment")

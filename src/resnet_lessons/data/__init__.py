@@ -16,7 +16,7 @@ from .dataset import (
     stratified_split,
     take_per_class,
 )
-from .loader import Augment, DeviceLoader, Draws, torchvision_loader, torchvision_transform
+from .loader import Augment, DeviceLoader, Draws, preview, torchvision_loader, torchvision_transform
 from .sources import CIFAR10_CLASSES, default_cache_dir, load
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic
 
@@ -36,6 +36,7 @@ __all__ = [
     "default_cache_dir",
     "load",
     "make_synthetic",
+    "preview",
     "stratified_split",
     "take_per_class",
     "torchvision_loader",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # statistics the torchvision ImageNet weights were trained with
@@ -89,20 +90,40 @@ class DataSplits:
 def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images, on the 0-1 scale.
 
-    Sums of values and squares are taken per image in float32, then across images in float64.
+    Sums of values and squares are taken per image in float32, then across images in float64. CPU
+    tensors go through NumPy: one thread, so a busy machine does not stall a pool of torch threads.
     """
     if images.shape[0] == 0:
         raise ValueError("cannot compute channel statistics of an empty split")
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].reshape(-1, 3, images.shape[2] * images.shape[3]).float()
-        total += x.sum(dim=-1).sum(dim=0, dtype=torch.float64).cpu()
-        total_sq += (x * x).sum(dim=-1).sum(dim=0, dtype=torch.float64).cpu()
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    var = total_sq / n - mean * mean
-    return tuple((mean / 255.0).tolist()), tuple((var.clamp_min(0).sqrt() / 255.0).tolist())
+    n, pixels = images.shape[0], images.shape[2] * images.shape[3]
+    total, total_sq = np.zeros(3), np.zeros(3)
+    flat = images.reshape(n, 3, pixels)
+    for start in range(0, n, chunk):
+        if images.device.type == "cpu":
+            x = flat[start : start + chunk].numpy().astype(np.float32)
+            sq = np.einsum("ncp,ncp->nc", x, x)
+        else:
+            x = flat[start : start + chunk].float()
+            sq = (x * x).sum(dim=-1).double().cpu().numpy()
+            x = x.sum(dim=-1, keepdim=True).double().cpu().numpy()
+        total += x.sum(axis=-1).sum(axis=0, dtype=np.float64)
+        total_sq += sq.sum(axis=0, dtype=np.float64)
+    mean = total / (n * pixels)
+    var = np.maximum(total_sq / (n * pixels) - mean * mean, 0.0)
+    return tuple((mean / 255.0).tolist()), tuple((np.sqrt(var) / 255.0).tolist())
+
+
+def _first_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of the first ``per_class`` images of each class in a seeded shuffle, and the
+    images per label. Vectorised: one shuffle and one stable sort by label, no loop over classes."""
+    labels = labels.cpu()
+    perm = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[perm]
+    order = torch.argsort(shuffled, stable=True)  # grouped by class, shuffled within each class
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(labels.numel()) - starts[shuffled[order]]  # position within its class
+    return perm[order[rank < per_class]].sort().values, counts
 
 
 def stratified_split(
@@ -112,16 +133,11 @@ def stratified_split(
 
     The same labels and seed always give the same split; the two index sets are disjoint and sorted.
     """
-    generator = torch.Generator().manual_seed(seed)
-    held_out = []
-    for c in torch.nonzero(torch.bincount(labels)).flatten().tolist():
-        members = torch.nonzero(labels == c).flatten()
-        if per_class >= members.numel():
-            raise ValueError(
-                f"cannot hold out {per_class} images of class {c}: it has only {members.numel()}"
-            )
-        held_out.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
-    held = torch.cat(held_out).sort().values
+    held, counts = _first_per_class(labels, per_class, seed)
+    present = counts[counts > 0]
+    if per_class >= int(present.min()):
+        c = int(torch.nonzero((counts > 0) & (counts <= per_class))[0])
+        raise ValueError(f"cannot hold out {per_class} images of class {c}: it has only {int(counts[c])}")
     mask = torch.ones(labels.numel(), dtype=torch.bool)
     mask[held] = False
     return torch.nonzero(mask).flatten(), held
@@ -129,9 +145,4 @@ def stratified_split(
 
 def take_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """Sorted indices of the first ``per_class`` images of each class after a seeded shuffle."""
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in torch.nonzero(torch.bincount(labels)).flatten().tolist():
-        members = torch.nonzero(labels == c).flatten()
-        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
-    return torch.cat(chosen).sort().values
+    return _first_per_class(labels, per_class, seed)[0]

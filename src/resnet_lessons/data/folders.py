@@ -1,15 +1,13 @@
 """Image folders and zips: ``<split>/<class>/<image>`` or ``<class>/<image>``, decoded once, then cached.
 
-The source is listed first (names, sizes and CRCs or modification times), and that listing is the
-cache key: a second load of the same content reads one uint8 array back instead of decoding again.
-Nothing is ever written next to the source; only ``cache_dir`` is written.
+The source is listed and checked first (layout, classes, unsafe names), then decoded once, in worker
+processes when there are many images; :mod:`.cache` keeps the result. Nothing is written next to the source.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import sys
@@ -22,10 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import cache
 from .dataset import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
-CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are not reused
+CACHE_FORMAT = cache.CACHE_FORMAT
 PARALLEL_FROM = 2000  # images; below this a process pool costs more than it saves
 IGNORED = ("__MACOSX", "Thumbs.db", "desktop.ini")
 
@@ -112,6 +111,10 @@ def scan(path: str | os.PathLike) -> Listing:
         raise DataError(f"{path} holds no images (looked for {', '.join(sorted(extensions)[:8])}, ...)")
     top = {parts[0] for parts in dirs if len(parts) == 1} | {p[0] for p, _ in images if len(p) > 1}
     split_layout = bool(top) and top <= set(SPLIT_NAMES)
+    if not split_layout and top & set(SPLIT_NAMES):
+        raise DataError(f"{path} mixes split folders ({', '.join(sorted(top & set(SPLIT_NAMES)))}) "
+                        f"with other folders ({', '.join(sorted(top - set(SPLIT_NAMES)))}); use either "
+                        "<split>/<class>/<image> or <class>/<image>")
     depth = 3 if split_layout else 2
     misplaced = [p for p, _ in images if len(p) != depth]
     if misplaced:
@@ -121,9 +124,6 @@ def scan(path: str | os.PathLike) -> Listing:
             + (" (splits among train, val, test)" if split_layout else "")
             + f"; {'/'.join(misplaced[0])} is at depth {len(misplaced[0])}"
         )
-    if not split_layout and top & set(SPLIT_NAMES):
-        raise DataError(f"{path} mixes split folders ({', '.join(sorted(top & set(SPLIT_NAMES)))}) "
-                        f"with other folders ({', '.join(sorted(top - set(SPLIT_NAMES)))})")
     splits = tuple(s for s in SPLIT_NAMES if s in top) if split_layout else ("train",)
     class_dirs = {parts[:depth - 1] for parts in dirs if len(parts) == depth - 1}
     class_dirs |= {parts[:-1] for parts, _ in images}
@@ -148,9 +148,12 @@ def scan(path: str | os.PathLike) -> Listing:
                 f"only in {splits[0]}: {only_a or 'none'}; only in {s}: {only_b or 'none'}"
             )
     images.sort(key=lambda item: item[0])
-    digest = hashlib.sha256(f"resnet_lessons images v{CACHE_FORMAT}\n".encode())
-    for parts, sig in images:
-        digest.update(f"{'/'.join(parts)}\0{sig}\n".encode())
+    key = cache.zip_directory_digest(path) if is_zip else None
+    if key is None:
+        digest = hashlib.sha256(f"resnet_lessons images v{CACHE_FORMAT}\n".encode())
+        for parts, sig in images:
+            digest.update(f"{'/'.join(parts)}\0{sig}\n".encode())
+        key = digest.hexdigest()[:24]
     return Listing(
         path=path,
         is_zip=is_zip,
@@ -159,7 +162,7 @@ def scan(path: str | os.PathLike) -> Listing:
         names=tuple("/".join(parts) for parts, _ in images),
         split_of=tuple(splits.index(p[0]) if split_layout else 0 for p, _ in images),
         label_of=tuple(classes.index(p[-2]) for p, _ in images),
-        key=digest.hexdigest()[:24],
+        key=key,
     )
 
 
@@ -240,41 +243,3 @@ def decode(listing: Listing, size: int, workers: int | None = None) -> tuple[np.
     images = np.concatenate([r[0] for r in results]).transpose(0, 3, 1, 2)
     bad = [(k * chunk + i, reason) for k, r in enumerate(results) for i, reason in r[1]]
     return np.ascontiguousarray(images), bad
-
-
-# --- the cache -------------------------------------------------------------------------------------
-
-
-def cache_paths(cache_dir: Path, listing: Listing, size: int) -> tuple[Path, Path]:
-    stem = cache_dir / "images" / f"{listing.key}-{size}px"
-    return stem.with_suffix(".npy"), stem.with_suffix(".json")
-
-
-def read_cache(cache_dir: Path, listing: Listing, size: int) -> tuple[np.ndarray, dict] | None:
-    array_path, meta_path = cache_paths(cache_dir, listing, size)
-    try:
-        meta = json.loads(meta_path.read_text())
-        images = np.load(array_path)
-    except (OSError, ValueError):
-        return None
-    if images.shape != (len(listing.names), 3, size, size) or meta.get("key") != listing.key:
-        return None
-    return images, meta
-
-
-def write_cache(cache_dir: Path, listing: Listing, size: int, images: np.ndarray, bad: list) -> None:
-    """Atomically write the decoded array and its description; a cache that cannot be written is skipped."""
-    array_path, meta_path = cache_paths(cache_dir, listing, size)
-    meta = {"key": listing.key, "source": str(listing.path), "image_size": size,
-            "bad": [[listing.names[i], reason] for i, reason in bad]}
-    try:
-        array_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, images)
-        os.replace(tmp, array_path)
-        tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
-    except OSError as error:
-        warnings.warn(f"could not write the image cache in {array_path.parent}: {error}", stacklevel=2)

@@ -51,26 +51,34 @@ class Draws:
         return Draws(*(t.to(device, non_blocking=True) for t in (self.dy, self.dx, self.flip, self.cy, self.cx)))
 
 
-def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Map positions of a reflect-padded axis back into ``[0, size)`` (-1 -> 1, size -> size - 2)."""
-    index = index.abs()
-    return torch.where(index >= size, 2 * (size - 1) - index, index)
+def padded_source(images: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """Reflect-padded images, followed by their mirror images when ``flip``: ``[N or 2N, 3, H+2p, W+2p]``.
 
-
-def crop_flip(images: torch.Tensor, rows: torch.Tensor, draws: Draws, padding: int) -> torch.Tensor:
-    """Batch ``[B, 3, H, W]`` (uint8) of ``images[rows]`` cropped from the reflect-padded images and flipped.
-
-    One gather: the reflect padding, the crop and the flip are all folded into index arithmetic, so
-    no padded copy of the batch is ever made. The result has channels-last memory layout.
+    Made once per loader. Every augmented image is then a window of this tensor: the crop picks the
+    window's corner, the flip picks the mirrored copy.
     """
-    _, _, h, w = images.shape
-    ar_h = torch.arange(h, device=images.device)
-    ar_w = torch.arange(w, device=images.device)
-    ys = _reflect(draws.dy.view(-1, 1) - padding + ar_h, h)  # [B, H]
-    cols = torch.where(draws.flip.view(-1, 1), w - 1 - ar_w, ar_w)  # flip first, crop from the padded image
-    xs = _reflect(draws.dx.view(-1, 1) - padding + cols, w)  # [B, W]
-    out = images[rows.view(-1, 1, 1), :, ys.view(-1, h, 1), xs.view(-1, 1, w)]  # [B, H, W, 3]
-    return out.permute(0, 3, 1, 2)
+    import torch.nn.functional as F
+
+    padded = F.pad(images, (padding,) * 4, mode="reflect") if padding else images
+    return torch.cat([padded, padded.flip(3)]).contiguous() if flip else padded.contiguous()
+
+
+def crop_flip(source: torch.Tensor, rows: torch.Tensor, draws: Draws, padding: int) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]``: image ``rows[b]`` cropped at ``(dy, dx)`` of its padded form, then flipped.
+
+    ``source`` comes from :func:`padded_source`. All windows of ``source`` are one strided view (a
+    window starts at any element), so the whole batch is a single ``index_select``: no per-image work.
+    """
+    _, c, hp, wp = source.shape
+    h, w = hp - 2 * padding, wp - 2 * padding
+    per_image = c * hp * wp
+    extent = (c - 1) * hp * wp + (h - 1) * wp + w  # elements one window spans
+    windows = source.as_strided((source.numel() - extent + 1, c, h, w), (1, hp * wp, wp, 1))
+    half = source.shape[0] // 2  # the mirrored copies start half-way (flips need padded_source(flip=True))
+    # crop then flip = crop the mirrored image at the mirrored corner (2p - dx)
+    dx = torch.where(draws.flip, 2 * padding - draws.dx, draws.dx)
+    start = (rows + half * draws.flip.long()) * per_image + draws.dy * wp + dx
+    return windows.index_select(0, start)
 
 
 def cutout_mask(draws: Draws, size: int, height: int, width: int) -> torch.Tensor:
@@ -108,6 +116,8 @@ class DeviceLoader:
             raise ValueError(f"crop_padding {augment.crop_padding} must be smaller than the image")
         self.device = torch.device(device)
         self.images = images.to(self.device)
+        # training batches are windows of the padded (and mirrored) images, made once here
+        self._source = padded_source(self.images, augment.crop_padding, augment.flip) if train else None
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.drop_last = train if drop_last is None else drop_last
@@ -155,11 +165,11 @@ class DeviceLoader:
             x = self.images[rows]
         else:
             draws = draws.to(self.device)
-            x = crop_flip(self.images, rows, draws, self.augment.crop_padding)
+            x = crop_flip(self._source, rows, draws, self.augment.crop_padding)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x.to(torch.float32, memory_format=fmt).mul_(self._scale).add_(self._shift)
         if draws is not None and self.augment.cutout > 0:
-            x = x.masked_fill(cutout_mask(draws, self.augment.cutout, *x.shape[2:]), 0.0)
+            x.masked_fill_(cutout_mask(draws, self.augment.cutout, *x.shape[2:]), 0.0)  # 0 = the mean
         return x, self.labels[rows]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -232,3 +242,27 @@ def torchvision_loader(imageset, batch_size: int, mean: Sequence[float], std: Se
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
+
+
+def preview(images: torch.Tensor, augment: Augment = Augment(), copies: int = 4, seed: int = 0) -> torch.Tensor:
+    """uint8 ``[copies, N, 3, H, W]``: ``copies`` augmented versions of each image, for looking at.
+
+    The same code path as training (``DeviceLoader`` with the identity normalisation); Cutout squares
+    come out black here, while a model sees them at the mean colour (0 after normalisation).
+    """
+    n = images.shape[0]
+    loader = DeviceLoader(images, torch.zeros(n, dtype=torch.int64), batch_size=n, mean=(0.0, 0.0, 0.0),
+                          std=(1 / 255,) * 3, train=True, augment=augment, seed=seed)
+    out = []
+    for copy in range(copies):
+        loader.set_epoch(copy)
+        (rows, draws), = loader.plan()
+        x, _ = loader.batch(rows.sort().values, _in_order(draws, rows))
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(out)
+
+
+def _in_order(draws: Draws, rows: torch.Tensor) -> Draws:
+    """``draws`` (made for ``rows``) reordered to follow the sorted rows."""
+    order = torch.argsort(rows)
+    return Draws(*(t[order] for t in (draws.dy, draws.dx, draws.flip, draws.cy, draws.cx)))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import folders
+from . import cache, folders
 from .dataset import (
     DataError,
     DataSplits,
@@ -98,8 +98,9 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _cifar10(cache_dir: Path, image_size: int, download: bool) -> tuple[dict[str, ImageSet], list[str]]:
-    train, test = _fetch_cifar10(cache_dir / "cifar10", download)
+def _cifar10(cache_dir: Path, image_size: int, download: bool,
+             timeout: float = DOWNLOAD_TIMEOUT_S) -> tuple[dict[str, ImageSet], list[str]]:
+    train, test = _fetch_cifar10(cache_dir / "cifar10", download, timeout)
     splits = {}
     for name, ds in (("train", train), ("test", test)):
         images = _resize(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), image_size)
@@ -118,15 +119,17 @@ def _synthetic(per_class: int, image_size: int, seed: int) -> tuple[dict[str, Im
 
 
 def _folder(path: Path, image_size: int, cache_dir: Path, skip_bad: bool) -> tuple[dict[str, ImageSet], list[str]]:
-    listing = folders.scan(path)
-    cached = folders.read_cache(cache_dir, listing, image_size)
-    if cached is None:
-        array, bad = folders.decode(listing, image_size)
-        folders.write_cache(cache_dir, listing, image_size, array, bad)
-        bad_names = [(listing.names[i], reason) for i, reason in bad]
-    else:
-        array, meta = cached
-        bad_names = [tuple(item) for item in meta["bad"]]
+    hit = cache.load_cached(path, cache_dir, image_size)  # a known zip: no listing, no decoding
+    if hit is None:
+        listing = folders.scan(path)
+        cached = cache.read_cache(cache_dir, listing.key, image_size)
+        if cached is None:
+            array, bad = folders.decode(listing, image_size)
+            cache.write_cache(cache_dir, listing, image_size, array, bad)
+            cached = array, {"bad": [(listing.names[i], reason) for i, reason in bad]}
+        hit = (listing, *cached)
+    listing, array, meta = hit
+    bad_names = [tuple(item) for item in meta["bad"]]
     keep = np.ones(len(listing.names), dtype=bool)
     if bad_names:
         where = "zip" if listing.is_zip else "folder"
@@ -206,7 +209,7 @@ def load(
         splits, notes = _folder(Path(name).expanduser(), image_size, cache, skip_bad)
     else:
         raise DataError(f"data source {name!r} is neither 'cifar10', 'synthetic' nor an existing "
-                        "folder or .zip of images")
+                        f"folder or .zip of images: {Path(name).expanduser().resolve()} does not exist")
     if "train" not in splits:
         raise DataError(f"data source {name!r} has no train split (it has {', '.join(splits)})")
     cifar_jpeg = _is_cifar10_jpeg(splits)
