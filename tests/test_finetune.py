@@ -367,3 +367,27 @@ def test_finetune_command_bad_input_is_one_line_with_exit_code_1(tmp_path, folde
     code, _, err = run_cli(capsys, "finetune", "--weights", garbage, "--out", tmp_path / "d", *common)
     assert code == 1 and "cannot read" in err
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d"))  # nothing written on failure
+
+
+def test_transfer_experiment_runs_end_to_end_and_its_figures_draw():
+    from matplotlib.figure import Figure
+
+    from resnet_lessons import plots
+
+    cfg = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=1, batch_size=16, lr=0.1, quiet=True,
+                      crop_padding=2)
+    result = ft.transfer_experiment(DATA, model_name="resnet8", model_options={"width": 0.5}, pretrain_cfg=cfg,
+                                    finetune_cfg=cfg, fractions=(0.2, 0.5), strategies={0.2: ("linear",),
+                                    0.5: ("linear", "full")}, min_steps=2, device="cpu")
+    table = result.table
+    assert list(table["method"]) == ["scratch", "linear", "scratch", "linear", "full"]
+    assert table["val accuracy"].between(0, 1).all() and (table["steps"] >= 2).all()
+    assert result.batchnorm_shifts[(0.5, "linear")]["identical"].all()
+    assert not result.batchnorm_shifts[(0.5, "full")]["identical"].any()
+    assert result.histories[(0.2, "linear")]["val_accuracy"].isna().all()  # no per-epoch val below curves_for
+    assert result.histories[(0.5, "full")]["val_accuracy"].notna().all()
+    curves = {m: h for (f, m), h in result.histories.items() if f == 0.5}
+    shifts = {m: t for (f, m), t in result.batchnorm_shifts.items() if f == 0.5}
+    for figure in (plots.transfer_bars(table, metric="val accuracy"), plots.strategy_curves(curves),
+                   plots.batchnorm_shift_bars(shifts)):
+        assert isinstance(figure, Figure)

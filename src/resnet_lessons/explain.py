@@ -53,7 +53,9 @@ class _Capture:
         self.output: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self)
 
-    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor: pick another layer")
         self.output = output
         return output.clone()
 

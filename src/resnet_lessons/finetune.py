@@ -24,7 +24,6 @@ against training from scratch on the same labels) lives at the end: :func:`trans
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import socket
@@ -429,7 +428,9 @@ class GradualUnfreezing(train.Hook):
             self.unfrozen.append((epoch, stage))
 
 
-def lr_scales(model: nn.Module, strategy: str, *, decay: float = 0.5, new_modules: Sequence[str] = ("fc",)) -> dict[str, float]:
+def lr_scales(
+    model: nn.Module, strategy: str, *, decay: float = 0.5, new_modules: Sequence[str] = ("fc",)
+) -> dict[str, float]:
     """The learning rate of each stage as a multiple of the head's: 1 everywhere except ``discriminative``,
     where each stage below the head gets ``decay`` times the one above it (new modules keep 1)."""
     names = stages(model)
@@ -614,7 +615,7 @@ def batchnorm_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torc
             and m.running_mean is not None}
 
 
-def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]], after: Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, ...]], after: Mapping[str, tuple[torch.Tensor, ...]]):
     """Per BatchNorm layer: how far its running statistics moved (largest absolute change of the mean, and
     of the log of the variance). Zero means bit-identical."""
     import pandas as pd
@@ -622,9 +623,10 @@ def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]], aft
     rows = []
     for name, (mean0, var0) in before.items():
         mean1, var1 = after[name]
+        log_var_shift = (var1.clamp_min(1e-12).log() - var0.clamp_min(1e-12).log()).abs().max()
         rows.append({"layer": name or "(model)", "stage": stage_of(name + "."),
                      "mean shift": float((mean1 - mean0).abs().max()),
-                     "log-variance shift": float((var1.clamp_min(1e-12).log() - var0.clamp_min(1e-12).log()).abs().max()),
+                     "log-variance shift": float(log_var_shift),
                      "identical": bool(torch.equal(mean0, mean1) and torch.equal(var0, var1))})
     return pd.DataFrame(rows)
 
@@ -671,7 +673,8 @@ def transfer_experiment(
     data: DataSplits, *, model_name: str, model_options: Mapping[str, Any] | None = None,
     pretrain_cfg: train.TrainConfig, finetune_cfg: train.TrainConfig, scratch_cfg: train.TrainConfig | None = None,
     fractions: Sequence[float] = (0.01, 0.1),
-    strategies: Sequence[str] | Mapping[float, Sequence[str]] = ("linear", "full"), lrs: Mapping[str, float] | None = None, min_steps: int = 30, curves_for: float | None = None, device: Any,
+    strategies: Sequence[str] | Mapping[float, Sequence[str]] = ("linear", "full"),
+    lrs: Mapping[str, float] | None = None, min_steps: int = 30, curves_for: float | None = None, device: Any,
     seed: int = 0,
 ) -> TransferResult:
     """Pretrain on some classes (:func:`transfer_classes`), then for each labels fraction fine-tune on the
@@ -696,7 +699,8 @@ def transfer_experiment(
     model = build_model(model_name, num_classes=len(source_classes), **options)
     pre = train.fit(model, source, pretrain_cfg, device=device)
     weights = Weights.from_model(model, model_name, classes=source_classes, mean=source.mean, std=source.std,
-                                 model_options=options, source=f"{model_name} pretrained on {', '.join(source_classes)}")
+                                 model_options=options,
+                                 source=f"{model_name} pretrained on {', '.join(source_classes)}")
     pretrained_stats = batchnorm_statistics(model)
     target = select_classes(data, target_classes)
     split = "test" if "test" in target.splits else "val"

@@ -403,13 +403,17 @@ def throughput_bars(rates: "Mapping[str, float]", *, ax: Axes | None = None, tit
 
 # --- fine-tuning (chapter 6) ----------------------------------------------------------------------
 
+METHOD_COLOURS = {"scratch": "#888888", "linear": "#1f77b4", "full": "#ff7f0e", "discriminative": "#2ca02c",
+                  "gradual": "#d62728"}  # the same colour for a fine-tuning strategy in every figure
+
 
 def strategy_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | None = None) -> Figure:
     """Validation accuracy and training loss per epoch, one line per fine-tuning strategy (or run)."""
     fig, (left, right) = subplots(1, 2, figsize=(10, 3.6))
     for name, history in histories.items():
-        left.plot(history["epoch"], history["val_accuracy"], marker=".", label=str(name))
-        right.plot(history["epoch"], history["train_loss"], marker=".", label=str(name))
+        colour = METHOD_COLOURS.get(str(name))
+        left.plot(history["epoch"], history["val_accuracy"], marker=".", label=str(name), color=colour)
+        right.plot(history["epoch"], history["train_loss"], marker=".", label=str(name), color=colour)
     left.set_ylabel("validation accuracy")
     right.set_ylabel("training loss")
     for ax in (left, right):
@@ -433,7 +437,8 @@ def batchnorm_shift_bars(shifts: "Mapping[str, pd.DataFrame]", *, ax: Axes | Non
     for i, name in enumerate(names):
         per_stage = shifts[name].groupby("stage")["mean shift"].max().reindex(stage_order).fillna(0.0)
         positions = [k + (i - (len(names) - 1) / 2) * width for k in range(len(stage_order))]
-        ax.bar(positions, per_stage.values, width=width, label=str(name))
+        bars = ax.bar(positions, per_stage.values, width=width, label=str(name), color=METHOD_COLOURS.get(str(name)))
+        ax.bar_label(bars, labels=["0" if v == 0 else "" for v in per_stage.values], fontsize=7)
     ax.set_xticks(range(len(stage_order)), stage_order)
     ax.set_ylabel("largest change of a running mean")
     ax.legend(fontsize=8)
@@ -455,7 +460,7 @@ def transfer_bars(table: "pd.DataFrame", *, metric: str, ax: Axes | None = None,
         rows = table[table["method"] == method].set_index("labels").reindex(groups)
         positions = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(groups))]
         bars = ax.bar(positions, rows[metric].values, width=width, label=str(method),
-                      color="#999999" if method == "scratch" else None)
+                      color=METHOD_COLOURS.get(str(method)))
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(groups)), [f"{g} of the labels" for g in groups])
     ax.set_ylabel(metric)
@@ -463,5 +468,45 @@ def transfer_bars(table: "pd.DataFrame", *, metric: str, ax: Axes | None = None,
     ax.legend(fontsize=8, ncol=len(methods))
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def lr_schedules(
+    curves: "Mapping[str, Sequence[float]]", *, log: bool = True, ax: Axes | None = None, title: str | None = None
+) -> Figure:
+    """Learning rate against optimiser step, one line per schedule (log scale so 1e-3 and 0.4 both show)."""
+    fig, ax = figure_and_axes(ax, figsize=(6, 3.5))
+    for name, curve in curves.items():
+        ax.plot(range(len(curve)), list(curve), label=str(name))
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("learning rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | None = None) -> Figure:
+    """Loss and accuracy per epoch from ``train.fit`` histories: training solid, validation dashed."""
+    fig, (left, right) = subplots(1, 2, figsize=(10, 3.6))
+    for index, (name, history) in enumerate(histories.items()):
+        colour = f"C{index}"
+        for ax, metric in ((left, "loss"), (right, "accuracy")):
+            ax.plot(history["epoch"], history[f"train_{metric}"], color=colour, marker=".", label=f"{name}, train")
+            ax.plot(history["epoch"], history[f"val_{metric}"], color=colour, marker=".", linestyle="--",
+                    label=f"{name}, validation")
+    left.set_ylabel("loss (cross-entropy)")
+    right.set_ylabel("accuracy")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    right.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -46,7 +46,7 @@ class TrainConfig:
     # how long
     epochs: int = 10  # passes over the training split; a budget run plans its own number of steps instead
     budget_seconds: float | None = None  # wall-clock seconds for the whole fit; None: train for `epochs`
-    budget_probe_steps: int = 8  # timed steps (after 2 warm-up steps) that measure the step time of a budget run
+    budget_probe_steps: int = 8  # steps timed (after 2 warm-up steps, at most 5% of the budget) to plan a budget run
     # batches
     batch_size: int = 128  # images per optimiser step, over all processes together (the global batch)
     eval_batch_size: int = 1000  # images per forward pass when evaluating (no gradients, so it can be large)
@@ -489,9 +489,11 @@ def fit(
             sums[2] += y.numel()
             step_bar.update()
             if cfg.budget_seconds and total_steps is None:
+                now = time.perf_counter()
                 if step == 2:
-                    probe_start = time.perf_counter()
-                elif step == 2 + cfg.budget_probe_steps:
+                    probe_start = now
+                elif step > 2 and (step == 2 + cfg.budget_probe_steps or (  # ranks must agree: only count steps under DDP
+                        not world.distributed and now - probe_start > 0.05 * cfg.budget_seconds)):
                     total_steps = _plan_budget(cfg, started, probe_start, step, steps_per_epoch, val_loader, device)
                     planned_epochs = -(-total_steps // steps_per_epoch)
                     epoch_bar.total = planned_epochs
@@ -580,14 +582,14 @@ def _plan_budget(
 ) -> int:
     """Fix the number of steps so that the fit ends within ``cfg.budget_seconds``.
 
-    Step time comes from the timed probe steps (the slowest process counts); each epoch also pays one
+    Step time comes from the timed steps after the first two (the slowest process counts); each epoch also pays one
     pass over its validation shard, estimated at 1/2 of a training step per image (a forward pass is
     about 1/3 of forward + backward; the rest is margin). 3% of the budget is kept in reserve.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()
-    step_seconds = float(distributed.all_reduce_max(torch.tensor([(now - probe_start) / cfg.budget_probe_steps]))[0])
+    step_seconds = float(distributed.all_reduce_max(torch.tensor([(now - probe_start) / (step - 2)]))[0])
     remaining = 0.97 * cfg.budget_seconds - (now - started)
     per_image = step_seconds / max(1, cfg.batch_size // distributed.world().world_size)
     per_epoch_extra = 0.5 * per_image * _loader_images(val_loader)
