@@ -391,3 +391,25 @@ def test_transfer_experiment_runs_end_to_end_and_its_figures_draw():
     for figure in (plots.transfer_bars(table, metric="val accuracy"), plots.strategy_curves(curves),
                    plots.batchnorm_shift_bars(shifts)):
         assert isinstance(figure, Figure)
+
+
+def test_finetune_command_with_imagenet_weights_placed_in_the_hub_cache(tmp_path, folder, capsys, monkeypatch,
+                                                                         tv18_file):
+    """The --weights imagenet path end to end, with a torchvision-format file placed by hand (random weights:
+    this checks the plumbing, not what ImageNet weights reach); upsampled images and predict agree on the size."""
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried the network"))
+    folder_hub = ft.hub_checkpoint_dir(tmp_path / "hub")
+    folder_hub.mkdir(parents=True)
+    (folder_hub / ft.weights_file_name("resnet18")).write_bytes(tv18_file[0].read_bytes())
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "finetune", "--weights", "imagenet", "--hub-dir", tmp_path / "hub", "--data",
+                           folder, "--out", out, "--profile", "smoke", "--epochs", "1", "--image-size", "40")
+    assert code == 0, err
+    saved = checkpoints.load(out / "model.pt")
+    assert saved.model_name == "resnet18" and saved.model_options["stem"] == "imagenet"
+    assert saved.mean == pytest.approx((0.485, 0.456, 0.406)) and saved.extra["data"]["image_size"] == 40
+    assert saved.extra["metrics"]["finetune"]["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+    image = next((folder / DATA.classes[1]).iterdir())
+    code, text, err = run_cli(capsys, "predict", out / "model.pt", image, "--json")
+    assert code == 0, err
+    assert len(json.loads(text)[0]["top"]) == 2

@@ -140,10 +140,10 @@ def test_ece_near_zero_when_perfectly_calibrated() -> None:
 
 def test_temperature_scaling_fixes_an_over_confident_model() -> None:
     generator = torch.Generator().manual_seed(0)
-    true_logits = 2.0 * torch.randn(20_000, 5, generator=generator)
+    true_logits = 2.0 * torch.randn(10_000, 5, generator=generator)
     labels = torch.multinomial(true_logits.softmax(dim=1), 1, generator=generator).flatten()
     overconfident = 3.0 * true_logits  # sharpened: the same argmax, too sure of it
-    val, test = slice(0, 10_000), slice(10_000, None)
+    val, test = slice(0, 5_000), slice(5_000, None)
 
     temperature = metrics.fit_temperature(overconfident[val], labels[val])
     assert temperature == pytest.approx(3.0, rel=0.1)

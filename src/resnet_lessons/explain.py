@@ -221,7 +221,13 @@ def embed_2d(features: torch.Tensor, method: str = "pca", *, seed: int = 0, **ts
         perplexity = float(min(30, max(2, (features.shape[0] - 1) // 3)))
         options = {"perplexity": perplexity, "init": "pca", "random_state": seed, **tsne_options}
         tsne = TSNE(n_components=2, **options)
-        return torch.from_numpy(tsne.fit_transform(features.numpy()).astype(np.float32))
+        # One thread: scikit-learn's OpenMP threads next to PyTorch's (another OpenMP runtime in the same
+        # process) can slow t-SNE down more than tenfold on a small machine; one thread takes seconds.
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+        with threadpool_limits(limits=1):
+            points = tsne.fit_transform(features.numpy())
+        return torch.from_numpy(points.astype(np.float32))
     raise ValueError(f"unknown method {method!r}; use 'pca' or 'tsne'")
 
 

@@ -510,3 +510,64 @@ def training_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | Non
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# --- overfitting and class imbalance (chapters 10 and 11) ------------------------------------------
+
+
+def gap_panels(histories: "Mapping[str, pd.DataFrame]", *, metric: str = "accuracy", ncols: int = 4,
+               title: str | None = None) -> Figure:
+    """One small panel per run: training (solid) and validation (dashed) ``metric`` per epoch from
+    ``train.fit`` histories, the gap between them shaded. Panels share their axes, so gaps compare."""
+    n = len(histories)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = subplots(nrows, ncols, figsize=(3.0 * ncols, 2.4 * nrows), sharex=True, sharey=True, squeeze=False)
+    for ax, (name, history) in zip(axes.flat, histories.items()):
+        epochs, fit, held = history["epoch"], history[f"train_{metric}"], history[f"val_{metric}"]
+        ax.plot(epochs, fit, color="C0", marker=".", label="train")
+        ax.plot(epochs, held, color="C1", marker=".", linestyle="--", label="validation")
+        ax.fill_between(epochs, fit, held, color="C3", alpha=0.15, label="gap")
+        ax.set_title(str(name), fontsize=9)
+        ax.grid(True, alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(metric)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def recall_by_class(table: "pd.DataFrame", methods: Sequence[str] | None = None, *, ax: Axes | None = None,
+                    title: str | None = None) -> Figure:
+    """Per-class recall of each method (lines) with the training images per class (grey bars, log scale, right
+    axis), classes from the most to the least frequent: ``imbalance.recall_table``'s table (class rows only)."""
+    fig, ax = figure_and_axes(ax, (8, 3.8))
+    rows = table.drop(index=[name for name in _SUMMARY_ROWS if name in table.index])
+    methods = [c for c in rows.columns if c != "train images"] if methods is None else list(methods)
+    positions = range(len(rows))
+    counts = ax.twinx()
+    counts.bar(positions, rows["train images"], color="#cccccc", zorder=0)
+    counts.set_yscale("log")
+    counts.set_ylabel("training images (bars)")
+    ax.set_zorder(counts.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for method in methods:
+        ax.plot(positions, rows[method], marker="o", label=str(method))
+    ax.set_xticks(list(positions), list(rows.index), rotation=30, ha="right")
+    ax.set_ylabel("recall on the validation split")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+_SUMMARY_ROWS = ("balanced accuracy", "head (most frequent third)", "tail (rarest third)")

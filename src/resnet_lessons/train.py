@@ -284,7 +284,8 @@ def _better(score: float, best: float | None, monitor: str) -> bool:
     return score > best if monitor == "val_accuracy" else score < best
 
 
-def _loaders(data: Any, cfg: TrainConfig, device: torch.device, channels_last: bool, world: distributed.World):
+def _loaders(data: Any, cfg: TrainConfig, device: torch.device, channels_last: bool, world: distributed.World,
+             sample_weights: Any = None):
     from .data import Augment, DeviceLoader
 
     if cfg.batch_size % world.world_size:
@@ -296,6 +297,7 @@ def _loaders(data: Any, cfg: TrainConfig, device: torch.device, channels_last: b
         train.images, train.labels, batch_size=cfg.batch_size // world.world_size, mean=data.mean, std=data.std,
         device=device, train=True, augment=Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout),
         seed=cfg.seed, channels_last=channels_last, rank=world.rank, world_size=world.world_size,
+        sample_weights=sample_weights,
     )
     val_loader = None
     if "val" in data.splits and len(data["val"]):
@@ -359,13 +361,21 @@ def fit(
     hooks: Iterable[Any] = (),
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``data['train']`` following ``cfg``; evaluate on ``data['val']`` each epoch.
 
     ``checkpoint_dir``: write ``checkpoint.pt`` there every ``cfg.checkpoint_every`` epochs (rank 0 only).
     ``resume``: continue from that checkpoint when it exists (the result is the same as an uninterrupted run).
     Under ``torchrun`` the model is wrapped in DistributedDataParallel and each process trains on its shard.
+    ``loss_fn(logits, labels) -> loss``: the training loss instead of the cross-entropy (e.g. from
+    :mod:`resnet_lessons.imbalance`); validation still reports the plain cross-entropy. ``sample_weights``:
+    one weight per training image; each epoch then re-samples the split with replacement (``DeviceLoader``).
+    Neither is recorded in checkpoints: resume with the same ones.
     """
+    if loss_fn is not None and cfg.label_smoothing:
+        raise ValueError("loss_fn replaces the cross-entropy, so cfg.label_smoothing would be ignored; set it to 0")
     started = time.perf_counter()
     device = torch.device(device)
     world = distributed.world()
@@ -385,10 +395,13 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, val_loader = _loaders(data, cfg, device, channels_last, world)
+    train_loader, val_loader = _loaders(data, cfg, device, channels_last, world, sample_weights)
     steps_per_epoch = len(train_loader)
     optimizer = make_optimizer(model, cfg)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    elif isinstance(loss_fn, nn.Module):
+        loss_fn = loss_fn.to(device)  # class weights and priors live in buffers
 
     step, epoch, rows, best_score, best_epoch, best_state = 0, 0, [], None, None, None
     total_steps = None if cfg.budget_seconds else cfg.epochs * steps_per_epoch

@@ -100,12 +100,18 @@ class DeviceLoader:
     disjoint shard of the epoch's permutation, all of the same size (train: the remainder of
     ``N / world_size`` is left out, a different one each epoch; eval: the permutation is padded by
     wrapping around, as ``DistributedSampler`` does), so every rank runs the same number of steps.
+
+    ``sample_weights`` (train only, one non-negative number per image) replaces the shuffle by re-sampling:
+    each epoch draws ``N`` images with replacement, image ``i`` with probability proportional to
+    ``sample_weights[i]`` (``WeightedRandomSampler``'s rule; ``imbalance.class_balanced_weights`` gives
+    every class the same share).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
                  train: bool, augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
-                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1,
+                 sample_weights: torch.Tensor | Sequence[float] | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}")
         if not 0 <= rank < world_size:
@@ -114,6 +120,7 @@ class DeviceLoader:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
         if augment.crop_padding >= min(images.shape[2:]):
             raise ValueError(f"crop_padding {augment.crop_padding} must be smaller than the image")
+        self.sample_weights = _check_sample_weights(sample_weights, images.shape[0], train)
         self.device = torch.device(device)
         self.images = images.to(self.device)
         # training batches are windows of the padded (and mirrored) images, made once here
@@ -146,7 +153,12 @@ class DeviceLoader:
     def plan(self) -> Iterator[tuple[torch.Tensor, Draws | None]]:
         """(indices into the images, random draws or None) for each step of the current epoch."""
         n = self.images.shape[0]
-        order = torch.randperm(n, generator=self._generator(0)) if self.train else torch.arange(n)
+        if not self.train:
+            order = torch.arange(n)
+        elif self.sample_weights is not None:  # re-sampling: n draws with replacement, P(i) ~ weight i
+            order = torch.multinomial(self.sample_weights, n, replacement=True, generator=self._generator(0))
+        else:
+            order = torch.randperm(n, generator=self._generator(0))
         total = self.shard_size * self.world_size
         if total > n:  # eval under DDP: wrap around so that every rank has a full shard
             order = torch.cat([order, order[: total - n]])
@@ -176,6 +188,20 @@ class DeviceLoader:
         for rows, draws in self.plan():
             yield self.batch(rows, draws)
         self.epoch += 1
+
+
+def _check_sample_weights(weights: torch.Tensor | Sequence[float] | None, n: int, train: bool) -> torch.Tensor | None:
+    """``weights`` as float64 ``[n]`` on the CPU, or a ValueError naming what is wrong with them."""
+    if weights is None:
+        return None
+    if not train:
+        raise ValueError("sample_weights re-sample the training split; an evaluation loader (train=False) takes none")
+    weights = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+    if weights.shape != (n,):
+        raise ValueError(f"sample_weights must be one number per image, shape ({n},); got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise ValueError("sample_weights must be finite, non-negative and not all zero")
+    return weights
 
 
 # --- the classic path: PIL transforms in a torch DataLoader -----------------------------------------
