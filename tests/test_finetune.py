@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from resnet_lessons import checkpoints, finetune as ft, runtime
+from resnet_lessons import checkpoints, finetune as ft, runtime, transfer
 from resnet_lessons.data import DataSplits, channel_stats, make_synthetic, stratified_split
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig
@@ -75,9 +75,9 @@ def test_linear_probe_keeps_backbone_and_batchnorm_statistics_bit_identical():
 
 def test_full_finetuning_moves_batchnorm_statistics():
     model = tiny_model()
-    before = ft.batchnorm_statistics(model)
+    before = transfer.batchnorm_statistics(model)
     ft.finetune(model, DATA, CFG, strategy="full", device="cpu")
-    shift = ft.batchnorm_shift(before, ft.batchnorm_statistics(model))
+    shift = transfer.batchnorm_shift(before, transfer.batchnorm_statistics(model))
     assert not shift["identical"].any() and (shift["mean shift"] > 0).all()
 
 
@@ -273,24 +273,24 @@ def test_unknown_strategy_and_missing_file(tmp_path):
 
 
 def test_class_subsets_and_few_labels():
-    source, target = ft.transfer_classes(DATA.classes)
+    source, target = transfer.transfer_classes(DATA.classes)
     assert source == DATA.classes[:6] and target == DATA.classes[6:]
-    assert ft.transfer_classes(("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                                "truck")) == (ft.CIFAR10_ANIMALS, ft.CIFAR10_VEHICLES)
-    vehicles = ft.select_classes(DATA, target)
+    assert transfer.transfer_classes(("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                      "ship", "truck")) == (transfer.CIFAR10_ANIMALS, transfer.CIFAR10_VEHICLES)
+    vehicles = transfer.select_classes(DATA, target)
     assert vehicles.classes == target and set(vehicles.train.labels.tolist()) == {0, 1, 2, 3}
     assert len(vehicles.val) == 4 * 3
-    few = ft.few_labels(vehicles, 0.25, seed=0)
+    few = transfer.few_labels(vehicles, 0.25, seed=0)
     assert list(few.train.counts().values()) == [2, 2, 2, 2] and few.val is vehicles.val
-    assert list(ft.few_labels(vehicles, 0.001).train.counts().values()) == [1, 1, 1, 1]
-    cfg = ft.steps_config(CFG, n_train=8, min_steps=5)
+    assert list(transfer.few_labels(vehicles, 0.001).train.counts().values()) == [1, 1, 1, 1]
+    cfg = transfer.steps_config(CFG, n_train=8, min_steps=5)
     assert cfg.batch_size == 8 and cfg.epochs == 5
 
 
 def test_upsampling_and_input_costs():
-    big = ft.resize(DATA, 24)
+    big = transfer.resize(DATA, 24)
     assert big.train.image_size == (24, 24) and big.train.images.dtype == torch.uint8
-    costs = ft.input_handling_costs("resnet18", ft.INPUT_HANDLING[:3])
+    costs = transfer.input_handling_costs("resnet18", transfer.INPUT_HANDLING[:3])
     article, cifar, up64 = costs["GMACs per image"]
     assert cifar > 10 * article and up64 == pytest.approx(4 * article, rel=0.01)
 
@@ -376,9 +376,10 @@ def test_transfer_experiment_runs_end_to_end_and_its_figures_draw():
 
     cfg = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=1, batch_size=16, lr=0.1, quiet=True,
                       crop_padding=2)
-    result = ft.transfer_experiment(DATA, model_name="resnet8", model_options={"width": 0.5}, pretrain_cfg=cfg,
-                                    finetune_cfg=cfg, fractions=(0.2, 0.5), strategies={0.2: ("linear",),
-                                    0.5: ("linear", "full")}, min_steps=2, device="cpu")
+    result = transfer.transfer_experiment(DATA, model_name="resnet8", model_options={"width": 0.5},
+                                          pretrain_cfg=cfg, finetune_cfg=cfg, fractions=(0.2, 0.5),
+                                          strategies={0.2: ("linear",), 0.5: ("linear", "full")}, min_steps=2,
+                                          device="cpu")
     table = result.table
     assert list(table["method"]) == ["scratch", "linear", "scratch", "linear", "full"]
     assert table["val accuracy"].between(0, 1).all() and (table["steps"] >= 2).all()

@@ -10,6 +10,7 @@ from torch import nn
 from resnet_lessons import checkpoints, runtime
 from resnet_lessons.data import DataSplits, channel_stats, make_synthetic, stratified_split
 from resnet_lessons.models import build_model
+from resnet_lessons.optim import lr_at, make_optimizer, schedule_curve
 from resnet_lessons.profiles import get_profile
 from resnet_lessons.train import (
     CHECKPOINT_NAME,
@@ -19,10 +20,7 @@ from resnet_lessons.train import (
     TrainingDiverged,
     config_from_profile,
     fit,
-    lr_at,
-    make_optimizer,
     replace,
-    schedule_curve,
 )
 
 
@@ -289,3 +287,81 @@ def test_train_loss_is_torch_cross_entropy_with_label_smoothing():
     assert len(DATA.train) % cfg.batch_size == 0  # every image is used once
     expected = F.cross_entropy(logits, DATA.train.labels, label_smoothing=0.3).item()
     assert result.history["train_loss"].iloc[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_param_groups_step_with_their_share_of_the_scheduled_lr_and_frozen_ones_open_later():
+    """The lr each group's SGD step really used (-<update, grad> / <grad, grad>) is lr_at * lr_scale; the first
+    group starts frozen and a hook unfreezes it after epoch 1."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16), nn.ReLU(), nn.Linear(16, 10))
+    model[1].requires_grad_(False)
+    groups = [{"params": list(model[1].parameters()), "lr_scale": 0.1, "name": "body"},
+              {"params": list(model[3].parameters()), "weight_decay": 0.0}]
+    cfg = replace(CFG, model=None, epochs=2, momentum=0.0, weight_decay=0.0, crop_padding=0, flip=False)
+    before, used = {}, []
+
+    def pre(optimizer, args, kwargs):
+        before.update({i: [(p, p.detach().clone(), p.grad.clone()) for p in g["params"] if p.grad is not None]
+                       for i, g in enumerate(optimizer.param_groups)})
+
+    def post(optimizer, args, kwargs):
+        step = {}
+        for i in range(len(optimizer.param_groups)):
+            pairs = [(p.detach() - old, grad) for p, old, grad in before[i]]
+            if pairs:
+                step[i] = float(-sum((d * grad).sum() for d, grad in pairs) / sum((grad * grad).sum() for _, grad in pairs))
+        used.append(step)
+
+    unfreeze = lambda row: model[1].requires_grad_(True)  # noqa: E731
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    try:
+        result = fit(model, DATA, cfg, device="cpu", hooks=[unfreeze], param_groups=groups)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_epoch = len(DATA.train) // cfg.batch_size
+    assert len(used) == result.steps == 2 * per_epoch
+    for step, lrs in enumerate(used):
+        scheduled = lr_at(step, result.total_steps, cfg)
+        assert lrs[1] == pytest.approx(scheduled, rel=1e-4)
+        assert (0 in lrs) == (step >= per_epoch)  # frozen during epoch 1, then trained
+        if 0 in lrs:
+            assert lrs[0] == pytest.approx(0.1 * scheduled, rel=1e-4)
+    assert result.history["lr"].iloc[-1] == pytest.approx(lr_at(result.steps - 1, result.total_steps, cfg))
+    assert "lr" not in groups[1]  # the caller's dicts are not changed
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr_scale'\]"):
+        fit(model, DATA, cfg, device="cpu", param_groups=[{"params": model.parameters(), "lr_scale": -1}])
+    with pytest.raises(ValueError, match="not the model's"):
+        fit(model, DATA, cfg, device="cpu", param_groups=[{"params": [nn.Parameter(torch.zeros(1))]}])
+
+
+def test_a_custom_loss_fn_is_the_training_loss():
+    import torch.nn.functional as F
+
+    from resnet_lessons.evaluate import infer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    cfg = replace(CFG, model=None, epochs=1, lr=1e-12, momentum=0.0, crop_padding=0, flip=False)
+    calls = []
+
+    def tripled(logits, labels):
+        calls.append(len(labels))
+        return 3 * F.cross_entropy(logits, labels)
+
+    logits = infer(model, DATA.train.images, mean=DATA.mean, std=DATA.std)  # lr 1e-12 moves nothing
+    val_logits = infer(model, DATA.val.images, mean=DATA.mean, std=DATA.std)
+    result = fit(model, DATA, cfg, device="cpu", loss_fn=tripled)
+    assert calls == [cfg.batch_size] * result.steps
+    expected = 3 * F.cross_entropy(logits, DATA.train.labels).item()
+    assert result.history["train_loss"].iloc[0] == pytest.approx(expected, rel=1e-5)
+    val_expected = F.cross_entropy(val_logits, DATA.val.labels).item()  # validation: the plain cross-entropy
+    assert result.history["val_loss"].iloc[0] == pytest.approx(val_expected, rel=1e-5)
+
+
+def test_a_training_split_smaller_than_one_batch_is_named():
+    small = DataSplits(DATA.source, {"train": DATA.train.subset(torch.arange(7)), "val": DATA.val}, DATA.mean, DATA.std)
+    with pytest.raises(ValueError, match=r"training split has 7 images, fewer than one batch \(batch_size 30\)"):
+        fit(tiny_model(), small, CFG, device="cpu")

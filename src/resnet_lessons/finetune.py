@@ -18,28 +18,25 @@ Fine-tuning is the training loop of :mod:`resnet_lessons.train` with a prepared 
 4. **Training** (:func:`finetune`): ``train.fit`` with the strategy's parameter groups and hooks.
 
 The offline transfer experiment (pretrain on some classes, fine-tune on the others with few labels,
-against training from scratch on the same labels) lives at the end: :func:`transfer_experiment`.
+against training from scratch on the same labels) is :mod:`resnet_lessons.transfer`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import math
 import socket
 import types
 import urllib.error
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints, train
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataSplits, ImageSet, channel_stats, take_per_class
-from .models import build_model, count_flops
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataSplits
+from .models import build_model
+from .optim import decays
 
 STRATEGIES = ("linear", "full", "discriminative", "gradual")
 TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
@@ -95,7 +92,7 @@ def imagenet_weights(model_name: str, version: str = "DEFAULT"):  # -> torchvisi
     if model_name not in TORCHVISION_WEIGHTS:
         raise WeightsError(
             f"torchvision has ImageNet weights for {', '.join(TORCHVISION_WEIGHTS)}, not for {model_name!r}; "
-            "pretrain one yourself (see transfer_experiment) or pick one of those models"
+            "pretrain one yourself (see resnet_lessons.transfer) or pick one of those models"
         )
     enum = getattr(torchvision.models, TORCHVISION_WEIGHTS[model_name])
     try:
@@ -469,8 +466,8 @@ def prepare(
         if strategy == "linear" and stage in frozen:
             continue  # never trained: not in the optimiser at all
         params = [(n, p) for n, p in model.named_parameters() if stage_of(n) == stage]
-        decay_params = [p for n, p in params if p.ndim > 1 or decay_norm_and_bias]
-        other = [p for n, p in params if not (p.ndim > 1 or decay_norm_and_bias)]
+        decay_params = [p for n, p in params if decays(p, decay_norm_and_bias)]
+        other = [p for n, p in params if not decays(p, decay_norm_and_bias)]
         for suffix, members, wd in (("", decay_params, weight_decay), (" (no decay)", other, 0.0)):
             if members:
                 groups.append({"name": stage + suffix, "params": members, "lr": lr * scales[stage],
@@ -481,36 +478,6 @@ def prepare(
     return Plan(strategy, groups, hooks, frozen)
 
 
-def _scale_group_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Step pre-hook: the loop sets one learning rate for all groups; give each group its share."""
-    for group in optimizer.param_groups:
-        if group.get("_scaled_lr") != group["lr"]:  # set afresh by the loop since the last step
-            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
-            group["_scaled_lr"] = group["lr"]
-
-
-@contextlib.contextmanager
-def _optimizer_with_groups(groups: list[dict[str, Any]]) -> Iterator[None]:
-    """Bridge until ``train.fit`` takes parameter groups: for the duration of one fit, its optimiser is
-    built over ``groups`` (same class and settings as ``train.make_optimizer`` picks), and each step gives
-    every group ``lr_scale`` times the scheduled learning rate."""
-    original = train.make_optimizer
-
-    def make_optimizer(model: nn.Module, cfg: train.TrainConfig) -> torch.optim.Optimizer:
-        reference = original(model, cfg)
-        accepted = inspect.signature(type(reference).__init__).parameters
-        settings = {k: v for k, v in reference.defaults.items() if k in accepted and k != "weight_decay"}
-        optimizer = type(reference)([dict(g) for g in groups], **settings)
-        optimizer.register_step_pre_hook(_scale_group_lrs)
-        return optimizer
-
-    train.make_optimizer = make_optimizer
-    try:
-        yield
-    finally:
-        train.make_optimizer = original
-
-
 def finetune(
     model: nn.Module, data: DataSplits, cfg: train.TrainConfig, *, strategy: str = "full", device: Any,
     new_modules: Sequence[str] = ("fc",), decay: float = 0.5, unfreeze_every: int = 1, hooks: Iterable[Any] = (),
@@ -518,219 +485,20 @@ def finetune(
 ) -> train.FitResult:
     """Prepare ``model`` for ``strategy`` and train it with ``train.fit`` (``cfg.lr`` is the head's peak lr).
 
-    ``data`` must be normalised as the weights expect (:func:`with_normalisation`)."""
+    ``data`` must be normalised as the weights expect (:func:`with_normalisation`). Each step, every parameter
+    group gets its ``lr_scale`` times the scheduled lr (``train.fit(param_groups=...)``)."""
     plan = prepare(model, strategy, lr=cfg.lr, weight_decay=cfg.weight_decay, new_modules=new_modules, decay=decay,
                    unfreeze_every=unfreeze_every, decay_norm_and_bias=cfg.decay_norm_and_bias)
-    with _optimizer_with_groups(plan.groups):
-        return train.fit(model, data, cfg, device=device, hooks=[*plan.hooks, *hooks], checkpoint_dir=checkpoint_dir)
+    return train.fit(model, data, cfg, device=device, hooks=[*plan.hooks, *hooks], checkpoint_dir=checkpoint_dir,
+                     param_groups=plan.groups)
 
 
-# --- data: normalisation, class subsets, few labels, upsampling ------------------------------------------
+# --- data: the weights' normalisation ---------------------------------------------------------------------
 
 
 def with_normalisation(data: DataSplits, mean: Sequence[float], std: Sequence[float]) -> DataSplits:
     """``data`` normalised with the statistics the weights were trained with (ImageNet's for torchvision's)."""
     return replace(data, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
-
-
-def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
-    """Only the images of ``classes``, relabelled 0..k-1 in that order; statistics of the new train split."""
-    missing = [c for c in classes if c not in data.classes]
-    if missing:
-        raise ValueError(f"classes {missing} are not in the data (it has {list(data.classes)})")
-    old = torch.tensor([data.classes.index(c) for c in classes])
-    splits = {}
-    for name, split in data.splits.items():
-        keep = torch.isin(split.labels, old)
-        relabel = torch.full((len(data.classes),), -1, dtype=torch.int64)
-        relabel[old] = torch.arange(len(classes))
-        splits[name] = ImageSet(split.images[keep], relabel[split.labels[keep]], tuple(classes))
-    mean, std = channel_stats(splits["train"].images)
-    return replace(data, splits=splits, mean=mean, std=std)
-
-
-def few_labels(data: DataSplits, fraction: float, *, seed: int = 0) -> DataSplits:
-    """Keep ``fraction`` of the training images of each class (at least one); other splits unchanged."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    smallest = min(data.train.counts().values())
-    per_class = max(1, round(fraction * smallest))
-    train_split = data.train.subset(take_per_class(data.train.labels, per_class, seed))
-    mean, std = channel_stats(train_split.images)
-    return replace(data, splits={**data.splits, "train": train_split}, mean=mean, std=std)
-
-
-def resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
-    """uint8 ``[N, 3, h, w]`` upsampled (bilinear) to ``[N, 3, size, size]``."""
-    if images.shape[-2:] == (size, size):
-        return images
-    parts = [F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", align_corners=False,
-                           antialias=size < images.shape[-1]).round().clamp(0, 255).to(torch.uint8)
-             for i in range(0, images.shape[0], chunk)]
-    return torch.cat(parts) if parts else images.new_empty((0, 3, size, size))
-
-
-def resize(data: DataSplits, size: int) -> DataSplits:
-    """Every split of ``data`` at ``size`` x ``size`` (loading with ``data.load(..., image_size=size)`` is the
-    same, done once at load time)."""
-    splits = {k: ImageSet(resize_images(s.images, size), s.labels, s.classes) for k, s in data.splits.items()}
-    return replace(data, splits=splits)
-
-
-# --- input handling for 32x32 images: the cost side ------------------------------------------------------
-
-INPUT_HANDLING = (
-    ("ImageNet stem at 32x32 (the article)", "imagenet", 32),
-    ("CIFAR stem at 32x32", "cifar", 32),
-    ("upsampled to 64x64", "imagenet", 64),
-    ("upsampled to 128x128", "imagenet", 128),
-    ("upsampled to 224x224", "imagenet", 224),
-)
-
-
-def input_handling_costs(model_name: str = "resnet18", choices: Sequence[tuple[str, str, int]] = INPUT_HANDLING):
-    """One row per way of feeding 32x32 images to an ImageNet ResNet: the feature map the last stage sees,
-    and GFLOPs per image (multiply-adds, as in the paper) relative to the article's choice."""
-    import pandas as pd
-
-    rows = []
-    for label, stem, size in choices:
-        model = build_model(model_name, num_classes=10, stem=stem)
-        last = size // (32 if stem == "imagenet" else 8)
-        rows.append({"input": label, "stem": stem, "image size": size, "last stage map": f"{last}x{last}",
-                     "GMACs per image": count_flops(model, (1, 3, size, size)) / 2e9,
-                     "pretrained stem kept": stem == "imagenet"})
-    table = pd.DataFrame(rows)
-    table["cost vs article"] = table["GMACs per image"] / table["GMACs per image"].iloc[0]
-    return table
-
-
-# --- BatchNorm statistics -----------------------------------------------------------------------------------
-
-
-def batchnorm_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of every BatchNorm layer's running mean and variance, by layer name."""
-    return {name: (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())
-            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.running_mean is not None}
-
-
-def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, ...]], after: Mapping[str, tuple[torch.Tensor, ...]]):
-    """Per BatchNorm layer: how far its running statistics moved (largest absolute change of the mean, and
-    of the log of the variance). Zero means bit-identical."""
-    import pandas as pd
-
-    rows = []
-    for name, (mean0, var0) in before.items():
-        mean1, var1 = after[name]
-        log_var_shift = (var1.clamp_min(1e-12).log() - var0.clamp_min(1e-12).log()).abs().max()
-        rows.append({"layer": name or "(model)", "stage": stage_of(name + "."),
-                     "mean shift": float((mean1 - mean0).abs().max()),
-                     "log-variance shift": float(log_var_shift),
-                     "identical": bool(torch.equal(mean0, mean1) and torch.equal(var0, var1))})
-    return pd.DataFrame(rows)
-
-
-# --- the offline transfer experiment ----------------------------------------------------------------------
-
-CIFAR10_ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
-CIFAR10_VEHICLES = ("airplane", "automobile", "ship", "truck")
-
-
-def transfer_classes(classes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(pretraining classes, target classes): CIFAR-10's six animals and four vehicles; for any other
-    ten classes (the synthetic stand-in) the first six and the last four; otherwise the two halves."""
-    classes = tuple(classes)
-    if set(CIFAR10_ANIMALS + CIFAR10_VEHICLES) <= set(classes) and len(classes) == 10:
-        return CIFAR10_ANIMALS, CIFAR10_VEHICLES
-    if len(classes) < 4:
-        raise ValueError(f"the transfer experiment needs at least 4 classes, got {len(classes)}")
-    cut = 6 if len(classes) == 10 else len(classes) // 2
-    return classes[:cut], classes[cut:]
-
-
-def steps_config(cfg: train.TrainConfig, n_train: int, min_steps: int) -> train.TrainConfig:
-    """``cfg`` adjusted to a small training split: a batch of at most a quarter of the split (at least 8
-    images, never more than the split), and enough epochs for at least ``min_steps`` optimiser steps."""
-    batch = max(1, min(cfg.batch_size, n_train, max(8, n_train // 4)))
-    steps_per_epoch = max(1, n_train // batch)
-    return replace(cfg, batch_size=batch, epochs=max(cfg.epochs, math.ceil(min_steps / steps_per_epoch)))
-
-
-@dataclass
-class TransferResult:
-    """The table (one row per labels fraction and method), every run's history, how far each fine-tuned
-    run moved the BatchNorm statistics of the pretrained network, and the pretrained weights."""
-
-    table: Any  # pandas.DataFrame
-    histories: dict[tuple[float, str], Any]
-    batchnorm_shifts: dict[tuple[float, str], Any]
-    pretrained: Weights
-    pretrain_history: Any
-
-
-def transfer_experiment(
-    data: DataSplits, *, model_name: str, model_options: Mapping[str, Any] | None = None,
-    pretrain_cfg: train.TrainConfig, finetune_cfg: train.TrainConfig, scratch_cfg: train.TrainConfig | None = None,
-    fractions: Sequence[float] = (0.01, 0.1),
-    strategies: Sequence[str] | Mapping[float, Sequence[str]] = ("linear", "full"),
-    lrs: Mapping[str, float] | None = None, min_steps: int = 30, curves_for: float | None = None, device: Any,
-    seed: int = 0,
-) -> TransferResult:
-    """Pretrain on some classes (:func:`transfer_classes`), then for each labels fraction fine-tune on the
-    other classes with each strategy, and train from scratch on the same few labels.
-
-    Every run takes at least ``min_steps`` optimiser steps (:func:`steps_config`); ``lrs`` maps a strategy
-    (or ``"scratch"``) to its peak learning rate (default: ``finetune_cfg.lr`` scaled by
-    :data:`STRATEGY_LR`, and ``scratch_cfg.lr`` from scratch). Accuracy is measured once at the end on the
-    target classes' test split (val when there is none). Only the runs with ``curves_for`` labels (default:
-    the largest fraction) evaluate on val after every epoch, for the curves: with a handful of images an
-    epoch is one step, and evaluating after each would cost more than the training. ``strategies`` may map
-    a fraction to its own list (for example all four strategies at 10% and two at 1%)."""
-    import pandas as pd
-
-    from .evaluate import evaluate
-
-    options = dict(model_options or {})
-    curves_for = max(fractions) if curves_for is None else curves_for
-    source_classes, target_classes = transfer_classes(data.classes)
-    source = select_classes(data, source_classes)
-    torch.manual_seed(seed)
-    model = build_model(model_name, num_classes=len(source_classes), **options)
-    pre = train.fit(model, source, pretrain_cfg, device=device)
-    weights = Weights.from_model(model, model_name, classes=source_classes, mean=source.mean, std=source.std,
-                                 model_options=options,
-                                 source=f"{model_name} pretrained on {', '.join(source_classes)}")
-    pretrained_stats = batchnorm_statistics(model)
-    target = select_classes(data, target_classes)
-    split = "test" if "test" in target.splits else "val"
-    rows, histories, shifts = [], {}, {}
-    for fraction in fractions:
-        few = few_labels(target, fraction, seed=seed)
-        kept = {"train": few.train, **({"val": few.val} if fraction == curves_for and "val" in few.splits else {})}
-        few_run = replace(few, splits=kept)
-        methods = strategies.get(fraction, ()) if isinstance(strategies, Mapping) else strategies
-        for method in ("scratch", *methods):
-            torch.manual_seed(seed)
-            base = (scratch_cfg or finetune_cfg) if method == "scratch" else finetune_cfg
-            cfg = steps_config(base, len(few.train), min_steps)
-            lr = (lrs or {}).get(method, base.lr * (STRATEGY_LR.get(method, 1.0)))
-            cfg = replace(cfg, lr=lr)
-            if method == "scratch":
-                net, run = build_model(model_name, num_classes=len(target_classes), **options), few_run
-                result = train.fit(net, run, cfg, device=device)
-            else:
-                ready = pretrained_model(model_name, len(target_classes), weights, new_head=True)
-                net, run = ready.model, with_normalisation(few_run, weights.mean, weights.std)
-                result = finetune(net, run, cfg, strategy=method, device=device, new_modules=ready.new_modules)
-                shifts[(fraction, method)] = batchnorm_shift(pretrained_stats, batchnorm_statistics(net))
-            scores = evaluate(net, target[split].images, target[split].labels, classes=target.classes,
-                              mean=run.mean, std=run.std, device=device)
-            histories[(fraction, method)] = result.history
-            rows.append({"labels": f"{fraction:.0%}", "per class": len(few.train) // len(target_classes),
-                         "method": method, f"{split} accuracy": scores.accuracy, "lr": lr, "steps": result.steps,
-                         "seconds": result.seconds})
-    return TransferResult(pd.DataFrame(rows), histories, shifts, weights, pre.history)
 
 
 # --- recipes ---------------------------------------------------------------------------------------------
@@ -757,28 +525,20 @@ def finetune_config(profile: Any, strategy: str, *, image_size: int = 32, **over
 
 
 __all__ = [
-    "CIFAR10_ANIMALS",
-    "CIFAR10_VEHICLES",
     "GradualUnfreezing",
-    "INPUT_HANDLING",
     "Plan",
     "Pretrained",
     "STRATEGIES",
     "STRATEGY_LR",
-    "TransferResult",
     "Weights",
     "WeightsError",
     "WeightsUnavailable",
-    "batchnorm_shift",
-    "batchnorm_statistics",
     "download_imagenet_state",
-    "few_labels",
     "finetune",
     "finetune_config",
     "guess_architecture",
     "hub_checkpoint_dir",
     "imagenet_weights",
-    "input_handling_costs",
     "keep_frozen_batchnorm_in_eval",
     "load_weights",
     "load_weights_file",
@@ -786,15 +546,9 @@ __all__ = [
     "prepare",
     "pretrained_model",
     "replace_head",
-    "resize",
-    "resize_images",
-    "select_classes",
     "set_trainable",
     "stage_of",
     "stages",
-    "steps_config",
-    "transfer_classes",
-    "transfer_experiment",
     "weights_file_name",
     "with_normalisation",
 ]

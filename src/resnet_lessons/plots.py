@@ -429,7 +429,7 @@ def strategy_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | Non
 def batchnorm_shift_bars(shifts: "Mapping[str, pd.DataFrame]", *, ax: Axes | None = None,
                          title: str | None = None) -> Figure:
     """How far the BatchNorm running means moved in each stage (largest change), a group of bars per stage
-    and one bar per strategy; ``shifts`` maps a strategy to ``finetune.batchnorm_shift``'s table."""
+    and one bar per strategy; ``shifts`` maps a strategy to ``transfer.batchnorm_shift``'s table."""
     fig, ax = figure_and_axes(ax, (7, 3.5))
     names = list(shifts)
     stage_order = list(dict.fromkeys(s for table in shifts.values() for s in table["stage"]))
@@ -450,7 +450,7 @@ def batchnorm_shift_bars(shifts: "Mapping[str, pd.DataFrame]", *, ax: Axes | Non
 
 
 def transfer_bars(table: "pd.DataFrame", *, metric: str, ax: Axes | None = None, title: str | None = None) -> Figure:
-    """Accuracy of each method (bars) for each labels fraction (groups): ``finetune.transfer_experiment``'s
+    """Accuracy of each method (bars) for each labels fraction (groups): ``transfer.transfer_experiment``'s
     table with columns ``labels``, ``method`` and ``metric``."""
     fig, ax = figure_and_axes(ax, (7, 3.5))
     groups = list(dict.fromkeys(table["labels"]))

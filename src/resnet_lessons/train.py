@@ -1,11 +1,12 @@
 """The one training loop: :func:`fit` trains any model on any :class:`DataSplits` with a :class:`TrainConfig`.
 
-Everything a run needs is in the config (read it top to bottom: it is the recipe). The loop is
+Everything a run needs is in the config (read it top to bottom in :mod:`resnet_lessons.optim`: it is the
+recipe; ``TrainConfig`` and ``config_from_profile`` are importable from here too). The loop is
 plain: for each epoch, for each batch, set the learning rate from the schedule, forward, loss,
 backward, clip, step; then evaluate on the validation split, record a history row, call the hooks,
 maybe stop early, write a checkpoint. Three things make it trustworthy:
 
-* the schedule is a pure function of the step (:func:`lr_at`), so resuming a run is exact;
+* the schedule is a pure function of the step (:func:`resnet_lessons.optim.lr_at`), so resuming a run is exact;
 * a ``budget_seconds`` run times its first steps, then fixes the number of steps so it ends in time;
 * a NaN or infinite loss stops the run with a message, and the last good checkpoint is kept.
 
@@ -15,12 +16,11 @@ The loop knows nothing of notebooks or plots: chapters watch it through hooks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace  # replace: derive a config, train.replace(cfg, lr=0.1)
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 import torch
@@ -28,164 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints, distributed
+from .optim import TrainConfig, config_from_profile, lr_at, make_optimizer, schedule_curve
 
 CHECKPOINT_NAME = "checkpoint.pt"  # the resumable checkpoint that fit writes into checkpoint_dir
-
-Optimizer = Literal["sgd", "adamw", "adam"]
-Schedule = Literal["onecycle", "cosine", "step", "constant"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training recipe. Frozen: derive variants with ``dataclasses.replace(cfg, lr=0.1)``."""
-
-    # what is trained (recorded in checkpoints so that they can rebuild the network)
-    model: str | None = None  # registry name from resnet_lessons.models; None for a hand-made network
-    model_options: dict[str, Any] = field(default_factory=dict)  # build_model keyword arguments
-    # how long
-    epochs: int = 10  # passes over the training split; a budget run plans its own number of steps instead
-    budget_seconds: float | None = None  # wall-clock seconds for the whole fit; None: train for `epochs`
-    budget_probe_steps: int = 8  # steps timed (after 2 warm-up steps, at most 5% of the budget) to plan a budget run
-    # batches
-    batch_size: int = 128  # images per optimiser step, over all processes together (the global batch)
-    eval_batch_size: int = 1000  # images per forward pass when evaluating (no gradients, so it can be large)
-    # optimiser
-    optimizer: Optimizer = "sgd"  # "sgd" (with momentum), "adamw" (decoupled decay), or "adam" (the article's)
-    lr: float = 0.1  # peak learning rate (the schedule scales it per step)
-    momentum: float = 0.9  # SGD momentum, and beta1 of Adam/AdamW
-    nesterov: bool = True  # Nesterov momentum for SGD: a look-ahead step, a little better for one-cycle
-    weight_decay: float = 5e-4  # L2 penalty (SGD, Adam) or decoupled decay (AdamW) per step
-    decay_norm_and_bias: bool = False  # also decay BatchNorm and bias parameters (off: they do not overfit)
-    grad_clip: float | None = None  # clip the global gradient norm to this value; None: no clipping
-    # schedule (a pure function of the step: see lr_at)
-    schedule: Schedule = "onecycle"  # "onecycle", "cosine" (with warm-up), "step" (the paper), "constant"
-    warmup_fraction: float = 0.2  # share of all steps spent warming up (onecycle, cosine)
-    start_factor: float = 0.04  # onecycle: first lr = lr * start_factor (1/25, as torch's OneCycleLR)
-    final_factor: float = 0.0  # onecycle and cosine: last lr = lr * final_factor
-    step_milestones: tuple[float, ...] = (0.5, 0.75)  # step: shares of all steps where lr is multiplied
-    step_gamma: float = 0.1  # step: the factor at each milestone (He et al.: /10 at 32k and 48k of 64k)
-    # loss
-    label_smoothing: float = 0.0  # target smoothing epsilon in the cross-entropy (0.1 is usual)
-    # augmentation (DeviceLoader's Augment)
-    crop_padding: int = 4  # random crop after zero padding by this many pixels; 0: no crop
-    flip: bool = True  # random horizontal flips
-    cutout: int = 0  # side of a random square blanked out; 0: none
-    # early stopping on the validation split (the article's step 6)
-    patience: int | None = None  # stop after this many epochs without a better validation score; None: never
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what "better" means
-    restore_best: bool = True  # with early stopping: end with the weights of the best epoch
-    # speed (all off on the CPU, where they do not help; "auto" turns bf16 and channels_last on for CUDA)
-    precision: Precision = "auto"  # mixed precision on CUDA: bf16, or fp16 with a gradient scaler
-    channels_last: bool | None = None  # NHWC memory layout (faster convolutions on tensor cores); None: auto
-    compile: bool = False  # torch.compile the model (minutes of compiling; pays off for long GPU runs)
-    # bookkeeping
-    checkpoint_every: int = 1  # epochs between checkpoints when fit has a checkpoint_dir
-    seed: int = 0  # seeds the shuffling and augmentation (initialise the model with runtime.seed_everything)
-    quiet: bool = False  # no progress bars (tests, CI logs)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be at least 1, got {self.epochs}")
-        if self.budget_seconds is not None and not self.budget_seconds > 0:
-            problems.append(f"budget_seconds must be more than 0, got {self.budget_seconds}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            problems.append(f"batch sizes must be at least 1, got {self.batch_size} and {self.eval_batch_size}")
-        if not self.lr > 0:
-            problems.append(f"lr must be more than 0, got {self.lr}")
-        if self.optimizer not in ("sgd", "adamw", "adam"):
-            problems.append(f"optimizer must be 'sgd', 'adamw' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("onecycle", "cosine", "step", "constant"):
-            problems.append(f"schedule must be onecycle, cosine, step or constant, got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.patience is not None and self.patience < 1:
-            problems.append(f"patience must be at least 1 (or None), got {self.patience}")
-        if self.monitor not in ("val_accuracy", "val_loss"):
-            problems.append(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def as_dict(self) -> dict[str, Any]:
-        return checkpoints._plain(asdict(self))
-
-
-def config_from_profile(profile: Any, **overrides: Any) -> TrainConfig:
-    """The recipe of a :class:`resnet_lessons.profiles.Profile`: SGD with Nesterov and a one-cycle schedule
-    at the profile's model, epochs, batch size, peak lr, weight decay and label smoothing."""
-    values = dict(
-        model=profile.model,
-        model_options=dict(profile.model_options),
-        epochs=profile.epochs,
-        batch_size=profile.batch_size,
-        lr=profile.lr,
-        weight_decay=profile.weight_decay,
-        label_smoothing=profile.label_smoothing,
-        eval_batch_size=profile.eval_batch_size,
-        seed=profile.seed,
-        quiet=profile.quiet,
-        optimizer="sgd",
-        nesterov=True,
-        schedule="onecycle",
-    )
-    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"TrainConfig has no field(s) {sorted(unknown)}")
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-# --- the learning-rate schedule ------------------------------------------------------------------
-
-
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """The learning rate for optimiser step ``step`` (0-based) of ``total_steps``: a pure function, so a
-    resumed run and a plotted curve give exactly the numbers the training used."""
-    total = max(1, total_steps)
-    t = min(step, total - 1)
-    peak = cfg.lr
-    if cfg.schedule == "constant":
-        return peak
-    if cfg.schedule == "step":
-        factor = 1.0
-        for milestone in cfg.step_milestones:
-            if t >= round(milestone * total):
-                factor *= cfg.step_gamma
-        return peak * factor
-    warmup = round(cfg.warmup_fraction * total)
-    start = peak * cfg.start_factor if cfg.schedule == "onecycle" else 0.0
-    end = peak * cfg.final_factor
-    if t < warmup:  # linear warm-up; the first step already moves (1/warmup of the way)
-        return start + (peak - start) * (t + 1) / warmup
-    progress = (t - warmup) / max(1, total - 1 - warmup)  # 0 at the peak, 1 at the last step
-    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def schedule_curve(cfg: TrainConfig, total_steps: int) -> list[float]:
-    """The learning rate at every step of a run of ``total_steps`` steps (for plots)."""
-    return [lr_at(step, total_steps, cfg) for step in range(total_steps)]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser of ``cfg``; weight decay skips BatchNorm and bias parameters unless asked for."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim <= 1 and not cfg.decay_norm_and_bias else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
 # --- hooks, results, errors ----------------------------------------------------------------------
@@ -363,6 +208,7 @@ def fit(
     resume: bool = False,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     sample_weights: torch.Tensor | None = None,
+    param_groups: Iterable[Mapping[str, Any]] | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``data['train']`` following ``cfg``; evaluate on ``data['val']`` each epoch.
 
@@ -372,7 +218,11 @@ def fit(
     ``loss_fn(logits, labels) -> loss``: the training loss instead of the cross-entropy (e.g. from
     :mod:`resnet_lessons.imbalance`); validation still reports the plain cross-entropy. ``sample_weights``:
     one weight per training image; each epoch then re-samples the split with replacement (``DeviceLoader``).
-    Neither is recorded in checkpoints: resume with the same ones.
+    ``param_groups``: the optimiser's groups instead of the default two (weight decay on weights only), each a
+    dict with ``params``, optional ``lr_scale`` (each step the group gets ``lr_scale`` times the scheduled lr) and
+    optional ``weight_decay`` (default ``cfg.weight_decay``); used as they are, frozen parameters included, so a
+    hook can unfreeze them later (:func:`resnet_lessons.optim.make_optimizer`).
+    None of these is recorded in checkpoints: resume with the same ones.
     """
     if loss_fn is not None and cfg.label_smoothing:
         raise ValueError("loss_fn replaces the cross-entropy, so cfg.label_smoothing would be ignored; set it to 0")
@@ -381,6 +231,13 @@ def fit(
     world = distributed.world()
     hooks = _hooks(hooks)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    train_loader, val_loader = _loaders(data, cfg, device, channels_last, world, sample_weights)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training split has {len(data['train'])} images, fewer than one batch (batch_size "
+            f"{cfg.batch_size}), so not one step could be taken; lower batch_size or add training images"
+        )
     autocast, amp_dtype = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -395,9 +252,7 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, val_loader = _loaders(data, cfg, device, channels_last, world, sample_weights)
-    steps_per_epoch = len(train_loader)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, param_groups)
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     elif isinstance(loss_fn, nn.Module):
@@ -475,7 +330,7 @@ def fit(
             # A budget run uses a provisional plan (the epochs of cfg) until its step time is known.
             last_lr = lr_at(step, total_steps or cfg.epochs * steps_per_epoch, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = last_lr
+                group["lr"] = last_lr * group.get("lr_scale", 1.0)
             with autocast():
                 logits = train_model(x)
                 loss = loss_fn(logits.float(), y)

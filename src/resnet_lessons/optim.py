@@ -1,0 +1,234 @@
+"""The recipe of a run and its optimiser: :class:`TrainConfig`, the learning-rate schedules, parameter groups.
+
+:func:`resnet_lessons.train.fit` reads everything it does from a :class:`TrainConfig` (also importable from
+:mod:`resnet_lessons.train`). Two parts of the recipe live here as plain functions:
+
+* the schedule is a pure function of the step (:func:`lr_at`), so resuming a run is exact and a plotted
+  curve (:func:`schedule_curve`) shows exactly the numbers the training used;
+* the optimiser (:func:`make_optimizer`) is built over parameter groups: by default two
+  (:func:`decay_groups`: weight decay on convolution and linear weights only), or the caller's own, each
+  with an ``lr_scale`` that multiplies the scheduled learning rate for that group (fine-tuning's
+  discriminative learning rates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from . import checkpoints
+
+Optimizer = Literal["sgd", "adamw", "adam"]
+Schedule = Literal["onecycle", "cosine", "step", "constant"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. Frozen: derive variants with ``dataclasses.replace(cfg, lr=0.1)``."""
+
+    # what is trained (recorded in checkpoints so that they can rebuild the network)
+    model: str | None = None  # registry name from resnet_lessons.models; None for a hand-made network
+    model_options: dict[str, Any] = field(default_factory=dict)  # build_model keyword arguments
+    # how long
+    epochs: int = 10  # passes over the training split; a budget run plans its own number of steps instead
+    budget_seconds: float | None = None  # wall-clock seconds for the whole fit; None: train for `epochs`
+    budget_probe_steps: int = 8  # steps timed (after 2 warm-up steps, at most 5% of the budget) to plan a budget run
+    # batches
+    batch_size: int = 128  # images per optimiser step, over all processes together (the global batch)
+    eval_batch_size: int = 1000  # images per forward pass when evaluating (no gradients, so it can be large)
+    # optimiser
+    optimizer: Optimizer = "sgd"  # "sgd" (with momentum), "adamw" (decoupled decay), or "adam" (the article's)
+    lr: float = 0.1  # peak learning rate (the schedule scales it per step)
+    momentum: float = 0.9  # SGD momentum, and beta1 of Adam/AdamW
+    nesterov: bool = True  # Nesterov momentum for SGD: a look-ahead step, a little better for one-cycle
+    weight_decay: float = 5e-4  # L2 penalty (SGD, Adam) or decoupled decay (AdamW) per step
+    decay_norm_and_bias: bool = False  # also decay BatchNorm and bias parameters (off: they do not overfit)
+    grad_clip: float | None = None  # clip the global gradient norm to this value; None: no clipping
+    # schedule (a pure function of the step: see lr_at)
+    schedule: Schedule = "onecycle"  # "onecycle", "cosine" (with warm-up), "step" (the paper), "constant"
+    warmup_fraction: float = 0.2  # share of all steps spent warming up (onecycle, cosine)
+    start_factor: float = 0.04  # onecycle: first lr = lr * start_factor (1/25, as torch's OneCycleLR)
+    final_factor: float = 0.0  # onecycle and cosine: last lr = lr * final_factor
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # step: shares of all steps where lr is multiplied
+    step_gamma: float = 0.1  # step: the factor at each milestone (He et al.: /10 at 32k and 48k of 64k)
+    # loss
+    label_smoothing: float = 0.0  # target smoothing epsilon in the cross-entropy (0.1 is usual)
+    # augmentation (DeviceLoader's Augment)
+    crop_padding: int = 4  # random crop after zero padding by this many pixels; 0: no crop
+    flip: bool = True  # random horizontal flips
+    cutout: int = 0  # side of a random square blanked out; 0: none
+    # early stopping on the validation split (the article's step 6)
+    patience: int | None = None  # stop after this many epochs without a better validation score; None: never
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what "better" means
+    restore_best: bool = True  # with early stopping: end with the weights of the best epoch
+    # speed (all off on the CPU, where they do not help; "auto" turns bf16 and channels_last on for CUDA)
+    precision: Precision = "auto"  # mixed precision on CUDA: bf16, or fp16 with a gradient scaler
+    channels_last: bool | None = None  # NHWC memory layout (faster convolutions on tensor cores); None: auto
+    compile: bool = False  # torch.compile the model (minutes of compiling; pays off for long GPU runs)
+    # bookkeeping
+    checkpoint_every: int = 1  # epochs between checkpoints when fit has a checkpoint_dir
+    seed: int = 0  # seeds the shuffling and augmentation (initialise the model with runtime.seed_everything)
+    quiet: bool = False  # no progress bars (tests, CI logs)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be at least 1, got {self.epochs}")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            problems.append(f"budget_seconds must be more than 0, got {self.budget_seconds}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            problems.append(f"batch sizes must be at least 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not self.lr > 0:
+            problems.append(f"lr must be more than 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adamw", "adam"):
+            problems.append(f"optimizer must be 'sgd', 'adamw' or 'adam', got {self.optimizer!r}")
+        if self.schedule not in ("onecycle", "cosine", "step", "constant"):
+            problems.append(f"schedule must be onecycle, cosine, step or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.patience is not None and self.patience < 1:
+            problems.append(f"patience must be at least 1 (or None), got {self.patience}")
+        if self.monitor not in ("val_accuracy", "val_loss"):
+            problems.append(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def as_dict(self) -> dict[str, Any]:
+        return checkpoints._plain(asdict(self))
+
+
+def config_from_profile(profile: Any, **overrides: Any) -> TrainConfig:
+    """The recipe of a :class:`resnet_lessons.profiles.Profile`: SGD with Nesterov and a one-cycle schedule
+    at the profile's model, epochs, batch size, peak lr, weight decay and label smoothing."""
+    values = dict(
+        model=profile.model,
+        model_options=dict(profile.model_options),
+        epochs=profile.epochs,
+        batch_size=profile.batch_size,
+        lr=profile.lr,
+        weight_decay=profile.weight_decay,
+        label_smoothing=profile.label_smoothing,
+        eval_batch_size=profile.eval_batch_size,
+        seed=profile.seed,
+        quiet=profile.quiet,
+        optimizer="sgd",
+        nesterov=True,
+        schedule="onecycle",
+    )
+    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"TrainConfig has no field(s) {sorted(unknown)}")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# --- the learning-rate schedule ------------------------------------------------------------------
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate for optimiser step ``step`` (0-based) of ``total_steps``: a pure function, so a
+    resumed run and a plotted curve give exactly the numbers the training used."""
+    total = max(1, total_steps)
+    t = min(step, total - 1)
+    peak = cfg.lr
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "step":
+        factor = 1.0
+        for milestone in cfg.step_milestones:
+            if t >= round(milestone * total):
+                factor *= cfg.step_gamma
+        return peak * factor
+    warmup = round(cfg.warmup_fraction * total)
+    start = peak * cfg.start_factor if cfg.schedule == "onecycle" else 0.0
+    end = peak * cfg.final_factor
+    if t < warmup:  # linear warm-up; the first step already moves (1/warmup of the way)
+        return start + (peak - start) * (t + 1) / warmup
+    progress = (t - warmup) / max(1, total - 1 - warmup)  # 0 at the peak, 1 at the last step
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_curve(cfg: TrainConfig, total_steps: int) -> list[float]:
+    """The learning rate at every step of a run of ``total_steps`` steps (for plots)."""
+    return [lr_at(step, total_steps, cfg) for step in range(total_steps)]
+
+
+# --- parameter groups and the optimiser ----------------------------------------------------------
+
+
+def decays(parameter: torch.Tensor, decay_norm_and_bias: bool) -> bool:
+    """Whether weight decay applies to ``parameter``: convolution and linear weights always; BatchNorm
+    and bias parameters (one dimension or none) only when ``decay_norm_and_bias``."""
+    return parameter.ndim > 1 or decay_norm_and_bias
+
+
+def decay_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The default parameter groups: the trainable parameters with ``cfg.weight_decay``, then (unless
+    ``cfg.decay_norm_and_bias``) the BatchNorm and bias ones without. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if decays(parameter, cfg.decay_norm_and_bias) else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _given_groups(model: nn.Module, param_groups: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the caller's groups (so that the loop's learning rates do not land in them), checked."""
+    known = {id(p) for p in model.parameters()}
+    groups = []
+    for index, group in enumerate(param_groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            got = f"a dict with keys {sorted(group)}" if isinstance(group, Mapping) else type(group).__name__
+            raise ValueError(f"param_groups[{index}] must be a dict with 'params' (a list of parameters); got {got}")
+        scale = group.get("lr_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"param_groups[{index}]['lr_scale'] must be a number of at least 0, got {scale!r}")
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        strangers = sum(id(p) not in known for p in params)
+        if strangers:
+            raise ValueError(f"param_groups[{index}] holds {strangers} parameter(s) that are not the model's")
+        groups.append({**group, "params": params})
+    if not groups:
+        raise ValueError("param_groups is empty: give at least one group, or None for the default groups")
+    return groups
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, param_groups: Iterable[Mapping[str, Any]] | None = None
+) -> torch.optim.Optimizer:
+    """The optimiser of ``cfg`` over ``param_groups``, or by default over :func:`decay_groups` (weight decay
+    skips BatchNorm and bias parameters unless asked for).
+
+    Given groups are used as they are, frozen parameters included (a stage unfrozen later trains from then
+    on); a group without ``weight_decay`` gets ``cfg.weight_decay``. Each group's ``lr`` is set by
+    :func:`resnet_lessons.train.fit` at every step: the scheduled lr times the group's ``lr_scale`` (1 if absent)."""
+    groups = decay_groups(model, cfg) if param_groups is None else _given_groups(model, param_groups)
+    settings = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **settings)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, betas=(cfg.momentum, 0.999), **settings)
+    return torch.optim.Adam(groups, betas=(cfg.momentum, 0.999), **settings)
+
+
+__all__ = [
+    "TrainConfig",
+    "config_from_profile",
+    "decay_groups",
+    "decays",
+    "lr_at",
+    "make_optimizer",
+    "schedule_curve",
+]

@@ -1,0 +1,246 @@
+"""The offline transfer experiment of chapter 6 and the tables around it.
+
+Pretrain on some classes (CIFAR-10's six animals), fine-tune on the others (the four vehicles) with few
+labels, against training from scratch on the same labels (:func:`transfer_experiment`); the data helpers it
+needs (:func:`select_classes`, :func:`few_labels`, :func:`resize`); what feeding 32x32 images to an ImageNet
+ResNet costs (:func:`input_handling_costs`); and how far fine-tuning moves the BatchNorm statistics of the
+pretrained network (:func:`batchnorm_statistics`, :func:`batchnorm_shift`). The fine-tuning itself is
+:mod:`resnet_lessons.finetune`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import train
+from .data import DataSplits, ImageSet, channel_stats, take_per_class
+from .finetune import STRATEGY_LR, Weights, finetune, pretrained_model, stage_of, with_normalisation
+from .models import build_model, count_flops
+
+
+# --- data: class subsets, few labels, upsampling ----------------------------------------------------------
+
+
+def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
+    """Only the images of ``classes``, relabelled 0..k-1 in that order; statistics of the new train split."""
+    missing = [c for c in classes if c not in data.classes]
+    if missing:
+        raise ValueError(f"classes {missing} are not in the data (it has {list(data.classes)})")
+    old = torch.tensor([data.classes.index(c) for c in classes])
+    splits = {}
+    for name, split in data.splits.items():
+        keep = torch.isin(split.labels, old)
+        relabel = torch.full((len(data.classes),), -1, dtype=torch.int64)
+        relabel[old] = torch.arange(len(classes))
+        splits[name] = ImageSet(split.images[keep], relabel[split.labels[keep]], tuple(classes))
+    mean, std = channel_stats(splits["train"].images)
+    return replace(data, splits=splits, mean=mean, std=std)
+
+
+def few_labels(data: DataSplits, fraction: float, *, seed: int = 0) -> DataSplits:
+    """Keep ``fraction`` of the training images of each class (at least one); other splits unchanged."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    smallest = min(data.train.counts().values())
+    per_class = max(1, round(fraction * smallest))
+    train_split = data.train.subset(take_per_class(data.train.labels, per_class, seed))
+    mean, std = channel_stats(train_split.images)
+    return replace(data, splits={**data.splits, "train": train_split}, mean=mean, std=std)
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 ``[N, 3, h, w]`` upsampled (bilinear) to ``[N, 3, size, size]``."""
+    if images.shape[-2:] == (size, size):
+        return images
+    parts = [F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", align_corners=False,
+                           antialias=size < images.shape[-1]).round().clamp(0, 255).to(torch.uint8)
+             for i in range(0, images.shape[0], chunk)]
+    return torch.cat(parts) if parts else images.new_empty((0, 3, size, size))
+
+
+def resize(data: DataSplits, size: int) -> DataSplits:
+    """Every split of ``data`` at ``size`` x ``size`` (loading with ``data.load(..., image_size=size)`` is the
+    same, done once at load time)."""
+    splits = {k: ImageSet(resize_images(s.images, size), s.labels, s.classes) for k, s in data.splits.items()}
+    return replace(data, splits=splits)
+
+
+# --- input handling for 32x32 images: the cost side ------------------------------------------------------
+
+INPUT_HANDLING = (
+    ("ImageNet stem at 32x32 (the article)", "imagenet", 32),
+    ("CIFAR stem at 32x32", "cifar", 32),
+    ("upsampled to 64x64", "imagenet", 64),
+    ("upsampled to 128x128", "imagenet", 128),
+    ("upsampled to 224x224", "imagenet", 224),
+)
+
+
+def input_handling_costs(model_name: str = "resnet18", choices: Sequence[tuple[str, str, int]] = INPUT_HANDLING):
+    """One row per way of feeding 32x32 images to an ImageNet ResNet: the feature map the last stage sees,
+    and GFLOPs per image (multiply-adds, as in the paper) relative to the article's choice."""
+    import pandas as pd
+
+    rows = []
+    for label, stem, size in choices:
+        model = build_model(model_name, num_classes=10, stem=stem)
+        last = size // (32 if stem == "imagenet" else 8)
+        rows.append({"input": label, "stem": stem, "image size": size, "last stage map": f"{last}x{last}",
+                     "GMACs per image": count_flops(model, (1, 3, size, size)) / 2e9,
+                     "pretrained stem kept": stem == "imagenet"})
+    table = pd.DataFrame(rows)
+    table["cost vs article"] = table["GMACs per image"] / table["GMACs per image"].iloc[0]
+    return table
+
+
+# --- BatchNorm statistics -----------------------------------------------------------------------------------
+
+
+def batchnorm_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every BatchNorm layer's running mean and variance, by layer name."""
+    return {name: (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is not None}
+
+
+def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, ...]], after: Mapping[str, tuple[torch.Tensor, ...]]):
+    """Per BatchNorm layer: how far its running statistics moved (largest absolute change of the mean, and
+    of the log of the variance). Zero means bit-identical."""
+    import pandas as pd
+
+    rows = []
+    for name, (mean0, var0) in before.items():
+        mean1, var1 = after[name]
+        log_var_shift = (var1.clamp_min(1e-12).log() - var0.clamp_min(1e-12).log()).abs().max()
+        rows.append({"layer": name or "(model)", "stage": stage_of(name + "."),
+                     "mean shift": float((mean1 - mean0).abs().max()),
+                     "log-variance shift": float(log_var_shift),
+                     "identical": bool(torch.equal(mean0, mean1) and torch.equal(var0, var1))})
+    return pd.DataFrame(rows)
+
+
+# --- the offline transfer experiment ----------------------------------------------------------------------
+
+CIFAR10_ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
+CIFAR10_VEHICLES = ("airplane", "automobile", "ship", "truck")
+
+
+def transfer_classes(classes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(pretraining classes, target classes): CIFAR-10's six animals and four vehicles; for any other
+    ten classes (the synthetic stand-in) the first six and the last four; otherwise the two halves."""
+    classes = tuple(classes)
+    if set(CIFAR10_ANIMALS + CIFAR10_VEHICLES) <= set(classes) and len(classes) == 10:
+        return CIFAR10_ANIMALS, CIFAR10_VEHICLES
+    if len(classes) < 4:
+        raise ValueError(f"the transfer experiment needs at least 4 classes, got {len(classes)}")
+    cut = 6 if len(classes) == 10 else len(classes) // 2
+    return classes[:cut], classes[cut:]
+
+
+def steps_config(cfg: train.TrainConfig, n_train: int, min_steps: int) -> train.TrainConfig:
+    """``cfg`` adjusted to a small training split: a batch of at most a quarter of the split (at least 8
+    images, never more than the split), and enough epochs for at least ``min_steps`` optimiser steps."""
+    batch = max(1, min(cfg.batch_size, n_train, max(8, n_train // 4)))
+    steps_per_epoch = max(1, n_train // batch)
+    return replace(cfg, batch_size=batch, epochs=max(cfg.epochs, math.ceil(min_steps / steps_per_epoch)))
+
+
+@dataclass
+class TransferResult:
+    """The table (one row per labels fraction and method), every run's history, how far each fine-tuned
+    run moved the BatchNorm statistics of the pretrained network, and the pretrained weights."""
+
+    table: Any  # pandas.DataFrame
+    histories: dict[tuple[float, str], Any]
+    batchnorm_shifts: dict[tuple[float, str], Any]
+    pretrained: Weights
+    pretrain_history: Any
+
+
+def transfer_experiment(
+    data: DataSplits, *, model_name: str, model_options: Mapping[str, Any] | None = None,
+    pretrain_cfg: train.TrainConfig, finetune_cfg: train.TrainConfig, scratch_cfg: train.TrainConfig | None = None,
+    fractions: Sequence[float] = (0.01, 0.1),
+    strategies: Sequence[str] | Mapping[float, Sequence[str]] = ("linear", "full"),
+    lrs: Mapping[str, float] | None = None, min_steps: int = 30, curves_for: float | None = None, device: Any,
+    seed: int = 0,
+) -> TransferResult:
+    """Pretrain on some classes (:func:`transfer_classes`), then for each labels fraction fine-tune on the
+    other classes with each strategy, and train from scratch on the same few labels.
+
+    Every run takes at least ``min_steps`` optimiser steps (:func:`steps_config`); ``lrs`` maps a strategy
+    (or ``"scratch"``) to its peak learning rate (default: ``finetune_cfg.lr`` scaled by
+    :data:`resnet_lessons.finetune.STRATEGY_LR`, and ``scratch_cfg.lr`` from scratch). Accuracy is measured
+    once at the end on the target classes' test split (val when there is none). Only the runs with
+    ``curves_for`` labels (default: the largest fraction) evaluate on val after every epoch, for the curves:
+    with a handful of images an epoch is one step, and evaluating after each would cost more than the
+    training. ``strategies`` may map a fraction to its own list (for example all four strategies at 10% and
+    two at 1%)."""
+    import pandas as pd
+
+    from .evaluate import evaluate
+
+    options = dict(model_options or {})
+    curves_for = max(fractions) if curves_for is None else curves_for
+    source_classes, target_classes = transfer_classes(data.classes)
+    source = select_classes(data, source_classes)
+    torch.manual_seed(seed)
+    model = build_model(model_name, num_classes=len(source_classes), **options)
+    pre = train.fit(model, source, pretrain_cfg, device=device)
+    weights = Weights.from_model(model, model_name, classes=source_classes, mean=source.mean, std=source.std,
+                                 model_options=options,
+                                 source=f"{model_name} pretrained on {', '.join(source_classes)}")
+    pretrained_stats = batchnorm_statistics(model)
+    target = select_classes(data, target_classes)
+    split = "test" if "test" in target.splits else "val"
+    rows, histories, shifts = [], {}, {}
+    for fraction in fractions:
+        few = few_labels(target, fraction, seed=seed)
+        kept = {"train": few.train, **({"val": few.val} if fraction == curves_for and "val" in few.splits else {})}
+        few_run = replace(few, splits=kept)
+        methods = strategies.get(fraction, ()) if isinstance(strategies, Mapping) else strategies
+        for method in ("scratch", *methods):
+            torch.manual_seed(seed)
+            base = (scratch_cfg or finetune_cfg) if method == "scratch" else finetune_cfg
+            cfg = steps_config(base, len(few.train), min_steps)
+            lr = (lrs or {}).get(method, base.lr * (STRATEGY_LR.get(method, 1.0)))
+            cfg = replace(cfg, lr=lr)
+            if method == "scratch":
+                net, run = build_model(model_name, num_classes=len(target_classes), **options), few_run
+                result = train.fit(net, run, cfg, device=device)
+            else:
+                ready = pretrained_model(model_name, len(target_classes), weights, new_head=True)
+                net, run = ready.model, with_normalisation(few_run, weights.mean, weights.std)
+                result = finetune(net, run, cfg, strategy=method, device=device, new_modules=ready.new_modules)
+                shifts[(fraction, method)] = batchnorm_shift(pretrained_stats, batchnorm_statistics(net))
+            scores = evaluate(net, target[split].images, target[split].labels, classes=target.classes,
+                              mean=run.mean, std=run.std, device=device)
+            histories[(fraction, method)] = result.history
+            rows.append({"labels": f"{fraction:.0%}", "per class": len(few.train) // len(target_classes),
+                         "method": method, f"{split} accuracy": scores.accuracy, "lr": lr, "steps": result.steps,
+                         "seconds": result.seconds})
+    return TransferResult(pd.DataFrame(rows), histories, shifts, weights, pre.history)
+
+
+__all__ = [
+    "CIFAR10_ANIMALS",
+    "CIFAR10_VEHICLES",
+    "INPUT_HANDLING",
+    "TransferResult",
+    "batchnorm_shift",
+    "batchnorm_statistics",
+    "few_labels",
+    "input_handling_costs",
+    "resize",
+    "resize_images",
+    "select_classes",
+    "steps_config",
+    "transfer_classes",
+    "transfer_experiment",
+]
