@@ -72,30 +72,17 @@ def _load_data(source: str, profile, seed: int, image_size: int = 32):  # -> Dat
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import checkpoints, distributed, runtime
+    from . import distributed, runtime
     from .models import build_model
-    from .train import CHECKPOINT_NAME, config_from_profile, fit
+    from .train import config_from_profile, fit
 
     if args.epochs is not None and args.epochs < 1:
         raise CommandError(f"--epochs must be at least 1, got {args.epochs}")
     if args.budget_seconds is not None and not args.budget_seconds > 0:
         raise CommandError(f"--budget-seconds must be more than 0, got {args.budget_seconds:g}")
     profile, source = _train_settings(args)
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file, not a folder")
-    existing = [name for name in ("model.pt", CHECKPOINT_NAME) if (out / name).exists()]
-    if existing and not args.resume:
-        raise CommandError(f"{out} already holds {', '.join(existing)}; pass --resume to continue, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise CommandError(f"cannot write into the output folder {out}: {error.strerror or error}") from None
+    out = _check_out(args.out, resume=args.resume)
+    _create_out(out)
 
     world = distributed.setup(args.device)
     try:
@@ -122,19 +109,7 @@ def _run_train(args: argparse.Namespace) -> int:
         result = fit(model, data, cfg, device=world.device, checkpoint_dir=out, resume=args.resume)
         if world.is_main:
             metrics = _train_metrics(result, data, cfg, profile, source, world)
-            extra = {"data": {"source": source, "val_per_class": profile.val_per_class,
-                              "train_per_class": profile.train_per_class,
-                              "synthetic_per_class": profile.synthetic_per_class, "seed": seed,
-                              "image_size": data.train.image_size[0]},
-                     "train_config": cfg.as_dict(), "metrics": metrics}
-            payload = checkpoints.make_checkpoint(
-                model, model_name=cfg.model, model_options=cfg.model_options, classes=data.classes,
-                mean=data.mean, std=data.std, history=result.history, extra=extra)
-            checkpoints.save(payload, out / "model.pt")
-            result.history.to_csv(out / "history.csv", index=False)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            print(f"val accuracy {metrics['val_accuracy']:.4f} after {metrics['epochs']} epochs "
-                  f"({metrics['stopped']}, {metrics['seconds']:.0f} s); wrote {out / 'model.pt'}", file=sys.stderr)
+            _write_run(out, model, data, result, cfg, metrics, source=source, profile=profile, seed=seed)
         distributed.barrier()
     finally:
         distributed.cleanup()
@@ -170,6 +145,53 @@ def _train_metrics(result, data, cfg, profile, source: str, world) -> dict:
         "library_version": __version__,
         "torch_version": str(torch.__version__),
     }
+
+
+def _check_out(arg: str, *, resume: bool | None = None):  # -> Path
+    """The --out folder of train and finetune, checked before any work: not a file, and not holding an
+    earlier run (unless ``resume``). ``resume=None``: the command cannot resume, so only a model.pt counts."""
+    from pathlib import Path
+
+    from .train import CHECKPOINT_NAME
+
+    out = Path(arg).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    names = ("model.pt",) if resume is None else ("model.pt", CHECKPOINT_NAME)  # finetune writes no checkpoint.pt
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not resume:
+        advice = "choose another --out" if resume is None else "pass --resume to continue, or choose another --out"
+        raise CommandError(f"{out} already holds {', '.join(existing)}; {advice}")
+    return out
+
+
+def _create_out(out) -> None:
+    """Create the --out folder and make sure it can be written into."""
+    from .train import check_writable
+
+    try:
+        check_writable(out)
+    except OSError as error:
+        raise CommandError(str(error)) from None
+
+
+def _write_run(out, model, data, result, cfg, metrics: dict, *, source: str, profile, seed: int) -> None:
+    """OUT/model.pt (the model with how its data was loaded, its recipe and metrics), OUT/history.csv and
+    OUT/metrics.json of a finished train or finetune run; evaluate, predict and export read the model.pt."""
+    from . import checkpoints
+
+    loaded = {"source": source, "val_per_class": profile.val_per_class, "train_per_class": profile.train_per_class,
+              "synthetic_per_class": profile.synthetic_per_class, "seed": seed, "image_size": data.train.image_size[0]}
+    extra = {"data": loaded, "train_config": cfg.as_dict(), "metrics": metrics}
+    payload = checkpoints.make_checkpoint(model, model_name=cfg.model, model_options=cfg.model_options,
+                                          classes=data.classes, mean=data.mean, std=data.std,
+                                          history=result.history, extra=extra)
+    checkpoints.save(payload, out / "model.pt")
+    result.history.to_csv(out / "history.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accuracy = "n/a" if metrics["val_accuracy"] is None else f"{metrics['val_accuracy']:.4f}"
+    print(f"val accuracy {accuracy} after {metrics['epochs']} epochs ({metrics['stopped']}, "
+          f"{metrics['seconds']:.0f} s); wrote {out / 'model.pt'}", file=sys.stderr)
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -261,11 +283,11 @@ def _read_image(path: str, size: int):  # -> uint8 tensor [3, size, size]
     import torch
     from PIL import Image
 
-    from .data.folders import _fit, _to_rgb
+    from .data.folders import fit_image, to_rgb
 
     with Image.open(path) as image:
         image.load()
-        array = np.asarray(_fit(_to_rgb(image), size))
+        array = np.asarray(fit_image(to_rgb(image), size))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -482,9 +504,8 @@ def _add_finetune(commands: argparse._SubParsersAction) -> None:
 def _run_finetune(args: argparse.Namespace) -> int:
     import dataclasses
     import types
-    from pathlib import Path
 
-    from . import checkpoints, finetune, runtime
+    from . import finetune, runtime
 
     for flag, value in (("--epochs", args.epochs), ("--image-size", args.image_size)):
         if value is not None and value < 1:
@@ -493,11 +514,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         if value is not None and not value > 0:
             raise CommandError(f"{flag} must be more than 0, got {value:g}")
     profile, source = _train_settings(args)
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file, not a folder")
-    if (out / "model.pt").exists():
-        raise CommandError(f"{out} already holds model.pt; choose another --out")
+    out = _check_out(args.out)
     try:
         device = runtime.pick_device(args.device)
         if device.type == "cpu":
@@ -522,9 +539,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     cfg = finetune.finetune_config(profile, args.strategy, image_size=size, **overrides)
-    if len(data.train) < cfg.batch_size:  # few labels: one batch of all of them, not zero steps per epoch
+    if len(data.train) < cfg.batch_size:  # few labels: one batch of all of them (fit refuses less than a batch)
         cfg = dataclasses.replace(cfg, batch_size=len(data.train))
-    out.mkdir(parents=True, exist_ok=True)
+    _create_out(out)  # only now: a failure above leaves nothing behind
     print(f"fine-tuning {model_name} from {weights.source} ({args.strategy}) on {source} at {size}x{size} "
           f"({len(data.train):,} images) on {runtime.describe_device(device)}", file=sys.stderr)
     result = finetune.finetune(ready.model, data, cfg, strategy=args.strategy, device=device,
@@ -533,27 +550,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     metrics = _train_metrics(result, data, cfg, profile, source, world)
     metrics["finetune"] = {"weights": weights.source, "strategy": args.strategy, "image_size": size,
                            "new_modules": list(ready.new_modules), "lr": cfg.lr}
-    extra = {"data": {"source": source, "val_per_class": profile.val_per_class,
-                      "train_per_class": profile.train_per_class, "synthetic_per_class": profile.synthetic_per_class,
-                      "seed": seed, "image_size": size},
-             "train_config": cfg.as_dict(), "metrics": metrics}
-    payload = checkpoints.make_checkpoint(ready.model, model_name=model_name, model_options=ready.model_options,
-                                          classes=data.classes, mean=data.mean, std=data.std,
-                                          history=result.history, extra=extra)
-    _write_run(out, payload, result.history, metrics)
-    accuracy = "n/a" if metrics["val_accuracy"] is None else f"{metrics['val_accuracy']:.4f}"
-    print(f"val accuracy {accuracy} after {metrics['epochs']} epochs ({metrics['stopped']}, "
-          f"{metrics['seconds']:.0f} s); wrote {out / 'model.pt'}", file=sys.stderr)
+    _write_run(out, ready.model, data, result, cfg, metrics, source=source, profile=profile, seed=seed)
     return 0
-
-
-def _write_run(out, payload: dict, history, metrics: dict) -> None:
-    """model.pt, history.csv and metrics.json of a finished run (the files train writes)."""
-    from . import checkpoints
-
-    checkpoints.save(payload, out / "model.pt")
-    history.to_csv(out / "history.csv", index=False)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 # --- entry point -------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def fit(
 
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if checkpoint_path is not None and world.is_main:
-        _check_writable(checkpoint_path.parent)
+        check_writable(checkpoint_path.parent)
         if checkpoint_path.exists() and not resume:
             raise FileExistsError(
                 f"{checkpoint_path} already exists; resume it (resume=True) or choose another checkpoint_dir"
@@ -488,11 +488,13 @@ def _diverged(epoch: int, batch_index: int, step: int, lr: float, checkpoint_pat
     )
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure files can be written into it; else an ``OSError`` naming it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise PermissionError(f"cannot create the output folder {folder}: {error.strerror or error}") from None
+        reason = error.strerror or error
+        raise PermissionError(f"cannot write into the output folder {folder} (it cannot be created: {reason})") from None
     if not folder.is_dir():
         raise NotADirectoryError(f"the output folder {folder} is a file")
     probe = folder / ".write-test"
@@ -510,6 +512,7 @@ __all__ = [
     "StopTraining",
     "TrainConfig",
     "TrainingDiverged",
+    "check_writable",
     "config_from_profile",
     "fit",
     "lr_at",

@@ -176,7 +176,7 @@ def _open_worker(path: str, is_zip: bool) -> None:
     _archive = zipfile.ZipFile(path) if is_zip else None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """RGB whatever the mode: grayscale and palettes expand, transparency is laid over white."""
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -186,7 +186,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _fit(image: Image.Image, size: int) -> Image.Image:
+def fit_image(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``size`` and crop the centre square (no-op at the right size)."""
     w, h = image.size
     if (w, h) == (size, size):
@@ -208,7 +208,7 @@ def _decode_chunk(job: tuple[str, bool, list[str], int]) -> tuple[np.ndarray, li
             data = _archive.read(name) if is_zip else (Path(root) / name).read_bytes()
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                out[i] = np.asarray(_fit(_to_rgb(image), size))
+                out[i] = np.asarray(fit_image(to_rgb(image), size))
         except Exception as error:  # Pillow raises many kinds for broken files
             bad.append((i, f"{type(error).__name__}: {error}"))
     return out, bad
