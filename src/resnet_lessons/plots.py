@@ -554,6 +554,7 @@ def recall_by_class(table: "pd.DataFrame", methods: Sequence[str] | None = None,
     counts = ax.twinx()
     counts.bar(positions, rows["train images"], color="#cccccc", zorder=0)
     counts.set_yscale("log")
+    counts.set_ylim(1, 1.5 * float(rows["train images"].max()))  # bars start at 1 image, so short ones show
     counts.set_ylabel("training images (bars)")
     ax.set_zorder(counts.get_zorder() + 1)
     ax.patch.set_visible(False)

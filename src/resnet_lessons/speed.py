@@ -1,0 +1,212 @@
+"""Speed: training throughput with each speed feature on or off, flip test-time augmentation, bench results.
+
+:func:`measure_throughput` times the steady state of the training step of :func:`resnet_lessons.train.fit`
+(autocast, ``GradScaler`` for fp16, channels_last, ``torch.compile``, SGD) on random images, after warm-up
+steps that pay for compiling and for the allocator; ``bench/throughput.py`` and chapter 13 both use it.
+:func:`flip_tta_accuracy` scores a model with and without averaging over horizontal flips.
+:func:`find_result` reads a ``bench/results/*.json`` file of the repository checkout, if there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOADERS = ("device", "dataloader")
+
+
+def autocast_context(precision: str, device: torch.device):  # type: ignore[no-untyped-def]
+    """``torch.autocast`` for bf16/fp16 on ``device``; a no-op context for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float | None, str]:
+    """Peak memory in MiB and what it measures: CUDA ``max_memory_allocated`` (since the last reset) on a
+    GPU; on the CPU the peak resident set of the whole process so far (``getrusage``), which only a fresh
+    process per configuration turns into a per-configuration figure (``bench/throughput.py`` does that)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS (getrusage)"
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+             channels_last: bool, loader: str, num_workers: int):  # type: ignore[no-untyped-def]
+    """An endless stream of augmented, normalised training batches from the chosen loader."""
+    from .data import Augment, DeviceLoader, ImageSet, torchvision_loader
+
+    mean = std = (0.5, 0.5, 0.5)
+    if loader == "device":
+        stream = DeviceLoader(images, labels, batch_size=batch_size, mean=mean, std=std, device=device,
+                              train=True, augment=Augment(), channels_last=channels_last)
+        while True:
+            yield from stream
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    imageset = ImageSet(images, labels, tuple(str(c) for c in range(int(labels.max()) + 1)))
+    for epoch in itertools.count():
+        for x, y in torchvision_loader(imageset, batch_size, mean, std, train=True, num_workers=num_workers,
+                                       seed=epoch):
+            yield x.to(device, memory_format=fmt, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def measure_throughput(
+    model: nn.Module,
+    batch_size: int,
+    steps: int,
+    device: str | torch.device = "cpu",
+    *,
+    channels_last: bool = False,
+    precision: str = "fp32",
+    compile: bool = False,
+    warmup: int = 3,
+    loader: str = "device",
+    num_workers: int = 0,
+    image_size: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Training images per second of ``model`` over ``steps`` timed steps, after ``warmup`` untimed ones.
+
+    A step is the one of ``train.fit``: loader batch (``"device"``: :class:`~resnet_lessons.data.DeviceLoader`;
+    ``"dataloader"``: the torchvision ``DataLoader`` with ``num_workers``), forward under autocast, cross-entropy,
+    backward, SGD step. The model is trained in place on random images: pass a fresh one. Returns
+    ``images_per_s``, ``step_ms``, ``warmup_s`` (compiling happens there), ``peak_memory_mib`` and ``memory``.
+    """
+    if steps < 1 or warmup < 1 or batch_size < 1:
+        raise ValueError(f"steps, warmup and batch_size must be at least 1; got {steps}, {warmup}, {batch_size}")
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    n = batch_size * min(warmup + steps, 16)  # the loader cycles over these images
+    images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    forward = torch.compile(model) if compile else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = _batches(images, labels, batch_size, device, channels_last, loader, num_workers)
+
+    def step() -> torch.Tensor:
+        x, y = next(batches)
+        with autocast_context(precision, device):
+            loss = F.cross_entropy(forward(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return loss.detach()
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    float(loss)  # waits for the device
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    batches.close()  # ends the DataLoader's workers
+    memory, kind = peak_memory_mib(device)
+    return {"images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps,
+            "warmup_s": warmup_s, "peak_memory_mib": memory, "memory": kind}
+
+
+@torch.no_grad()
+def flip_tta_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean: Sequence[float], std: Sequence[float],
+    device: str | torch.device = "cpu", batch_size: int = 1000, channels_last: bool = False, precision: str = "fp32",
+) -> tuple[float, float]:
+    """Accuracy of ``model`` on uint8 ``images``: plain, and with flip test-time augmentation (the logits of
+    each image and of its mirror image averaged). The model is put back in the mode it was in."""
+    device = torch.device(device)
+    scale = 1.0 / (255.0 * torch.tensor(std, device=device).view(1, 3, 1, 1))
+    shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * scale * 255.0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.int64, device=device)
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            x = x.to(torch.float32, memory_format=fmt) * scale + shift
+            y = labels[start : start + batch_size].to(device, non_blocking=True)
+            with autocast_context(precision, device):
+                logits = model(x).float()
+                mirrored = model(torch.flip(x, dims=(3,))).float()
+            correct[0] += (logits.argmax(1) == y).sum()
+            correct[1] += ((logits + mirrored).argmax(1) == y).sum()
+    finally:
+        model.train(was_training)
+    n = max(1, int(images.shape[0]))
+    plain, tta = correct.tolist()
+    return plain / n, tta / n
+
+
+def results_dirs() -> list[Path]:
+    """Where ``bench/results`` may be: next to a chapter (``../bench/results``), in the working directory, and
+    in the repository checkout the package was installed from (editable installs)."""
+    package_root = Path(__file__).resolve().parents[2]
+    return [Path("../bench/results"), Path("bench/results"), package_root / "bench" / "results"]
+
+
+def find_result(name: str) -> tuple[dict[str, Any] | None, Path | None]:
+    """The benchmark result ``bench/results/<name>.json`` and its path, or ``(None, None)`` when this
+    installation has none (Colab installs the library without the repository's results)."""
+    for folder in results_dirs():
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text()), path.resolve()
+    return None, None
+
+
+def describe_result(result: dict[str, Any] | None) -> str:
+    """One line that labels a figure: the hardware and the date of a benchmark result."""
+    if not result:
+        return "no measurement in this installation"
+    hardware = result.get("hardware", {})
+    gpu = hardware.get("cuda")
+    cores = hardware.get("torch_threads") or hardware.get("cpu_affinity") or hardware.get("cpu_count")
+    where = gpu if gpu else f"{hardware.get('cpu', 'unknown CPU')} ({cores} threads)"
+    torch_version = result.get("versions", {}).get("torch", "?")
+    return f"{where}, torch {torch_version}, {str(result.get('date', '?'))[:10]}"
+
+
+__all__ = ["autocast_context", "describe_result", "find_result", "flip_tta_accuracy", "measure_throughput",
+           "peak_memory_mib", "results_dirs", "synchronize"]
