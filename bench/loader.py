@@ -13,32 +13,15 @@ apart). Prints a table and writes bench/results/loader.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torchvision
 
+import common
 from resnet_lessons.data import Augment, DeviceLoader, ImageSet, load, torchvision_loader
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_ZIP = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.zip"
 GOAL = {"vs_w0": 20.0, "vs_w2": 5.0}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_dataloader(images: ImageSet, batch_size: int, mean, std, workers: int) -> float:
@@ -71,13 +54,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the fast loader (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time the fast loader at least this long")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "loader.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    source = str(SHARED_ZIP) if SHARED_ZIP.is_file() else "synthetic"
+    source = str(common.shared_zip() or "synthetic")
     start = time.perf_counter()
     data = load(source, val_per_class=500, synthetic_per_class=max(1, args.images // 10))
     load_s = time.perf_counter() - start
@@ -111,24 +94,16 @@ def main(argv=None) -> int:
         "fast_setup_s": round(setup_s, 4),
         "fast_epochs_timed": epochs,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "images": n,
         "image_size": list(images.image_size),
         "batch_size": bs,
         "augment": "random crop 32 (reflect padding 4), horizontal flip, normalise",
         "source": "shared JPEG copy of CIFAR-10 (train split)" if source != "synthetic" else "synthetic",
         "load_s": round(load_s, 3),
-        "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                     "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                     "machine": platform.machine(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "python": sys.version.split()[0], "platform": platform.platform()},
-        "command": " ".join(["bench/loader.py", *(argv if argv is not None else sys.argv[1:])]),
+        **common.record(__file__, argv),  # hardware, versions, date, command
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {common.write_json(args.out, result)}")
     return 0
 
 

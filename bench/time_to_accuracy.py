@@ -25,26 +25,23 @@ Writes ``bench/results/time_to_accuracy.json``: ``results`` (a list of {"recipe"
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torchvision
 
-from resnet_lessons import __version__, runtime
+import common
+from resnet_lessons import runtime
 from resnet_lessons.data import Augment, load, torchvision_loader
 from resnet_lessons.evaluate import evaluate
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig, fit, replace
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_ZIP = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.zip"
+SHARED_ZIP = common.SHARED_ZIP
 LABEL = "JPEG copy of CIFAR-10, validation"
 
 # The CPU recipe (see the report in issue 5 for the probes behind these numbers).
@@ -69,16 +66,6 @@ CPU_RECIPE = TrainConfig(
     channels_last=False,
     quiet=True,
 )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_cpu_recipe(data, budget: float, seed: int) -> dict:
@@ -143,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "time_to_accuracy.json"))
+    parser.add_argument("--out", default=str(common.RESULTS / "time_to_accuracy.json"))
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.budgets):
         parser.error("every budget must be more than 0 seconds")
@@ -152,7 +139,7 @@ def main(argv=None) -> int:
     load_start = time.perf_counter()
     data = load(args.data, val_per_class=args.val_per_class, seed=args.seed)
     print(f"data: {args.data}: train {len(data.train):,}, val {len(data.val):,} ({LABEL}); "
-          f"loaded in {time.perf_counter() - load_start:.0f} s; {threads} threads on {cpu_name()}", file=sys.stderr)
+          f"loaded in {time.perf_counter() - load_start:.0f} s; {threads} threads on {common.cpu_name()}", file=sys.stderr)
     load_average_start = os.getloadavg()
     results = []
     for budget in args.budgets:
@@ -185,15 +172,11 @@ def main(argv=None) -> int:
         "results": results,
         "summary": summary,
         "cpu_recipe": json.loads(json.dumps(asdict(CPU_RECIPE))),
-        "hardware": {"cpu": cpu_name(), "torch_threads": threads, "logical_cpus": os.cpu_count(),
-                     "load_average_at_start": load_average_start, "load_average_at_end": os.getloadavg()},
-        "versions": {"resnet_lessons": __version__, "torch": str(torch.__version__),
-                     "torchvision": torchvision.__version__, "python": platform.python_version()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **common.record(__file__, argv),  # hardware, versions, date, command
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    report["hardware"].update({"torch_threads": threads, "logical_cpus": os.cpu_count(),
+                               "load_average_at_start": load_average_start, "load_average_at_end": os.getloadavg()})
+    out = common.write_json(args.out, report)
     print(f"\n{'recipe':8s} {'budget':>7s} {'val acc':>8s} {'images':>10s}   ({LABEL})")
     for r in results:
         print(f"{r['recipe']:8s} {r['budget_s']:6.0f}s {r['val_accuracy']:8.4f} {r['images_seen']:10,d}")

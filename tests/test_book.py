@@ -42,3 +42,11 @@ def test_a_missing_folder_is_not_silently_replaced(tmp_path):
 
 def test_glue_returns_its_value_outside_a_book_build():
     assert book.glue("answer", 42) == 42
+
+
+def test_glue_turns_numpy_and_torch_scalars_into_numbers():
+    import numpy as np
+    import torch
+
+    assert type(book.glue("a", np.float64(0.5))) is float
+    assert type(book.glue("b", torch.tensor(3))) is int

@@ -306,3 +306,14 @@ def test_fit_refuses_a_loss_together_with_label_smoothing():
     with pytest.raises(ValueError, match="label_smoothing"):
         fit(build_model("resnet8", width=0.25), tiny_data(), TrainConfig(label_smoothing=0.1, quiet=True),
             device="cpu", loss_fn=imbalance.FocalLoss())
+
+
+def test_recall_by_class_plots_the_class_rows_in_table_order():
+    from resnet_lessons import plots
+
+    labels = torch.arange(3).repeat(4)
+    table = imbalance.recall_table({"perfect": F.one_hot(labels, 3).float()}, labels, ["x", "y", "z"], [5, 50, 20])
+    fig = plots.recall_by_class(table)
+    ax = next(a for a in fig.axes if a.get_lines())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["y", "z", "x"]
+    assert list(ax.get_lines()[0].get_ydata()) == [1.0, 1.0, 1.0]

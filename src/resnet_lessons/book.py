@@ -123,6 +123,8 @@ def glue(name: str, value: object, *, display: bool = False) -> object:
     Outside a Jupyter Book build (Colab, plain Jupyter) myst-nb may be missing: the value is then
     shown when ``display`` is true, and the chapter goes on.
     """
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # NumPy and torch scalars glue as plain numbers, so format specs work
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
