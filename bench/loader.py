@@ -54,15 +54,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the fast loader (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time the fast loader at least this long")
+    parser.add_argument("--data", default=None, help="image source (default: the shared JPEG zip if here, else synthetic)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "loader.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    source = str(common.shared_zip() or "synthetic")
+    source = args.data or str(common.shared_zip() or "synthetic")
     start = time.perf_counter()
-    data = load(source, val_per_class=500, synthetic_per_class=max(1, args.images // 10))
+    data = load(source, val_per_class=0, synthetic_per_class=max(1, args.images // 10))  # speed only: no val split
     load_s = time.perf_counter() - start
     train = data.train
     images = train.subset(torch.arange(min(args.images, len(train))))

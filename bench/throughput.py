@@ -51,6 +51,8 @@ def plan(args: argparse.Namespace, device: torch.device, threads: int) -> list[d
     features = ["baseline", "channels_last", "bf16"] + (["fp16", "channels_last+bf16"] if cuda else [])
     if args.compile:
         features += ["compile", "channels_last+bf16+compile"] if cuda else ["compile"]
+    if args.features:
+        features = [f for f in args.features if args.compile or not FEATURES[f][2]]
     sweep_base = "channels_last+bf16" if cuda else "baseline"  # the sweeps vary one thing from here
     rows = []
 
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--features", nargs="+", default=None, choices=list(FEATURES),
+                        help="the settings measured per model (default: all that apply to the device)")
     parser.add_argument("--focus", default=None, choices=MODELS,
                         help="the model of the batch, loader and thread sweeps (resnet20 on a CPU, resnet18 on a GPU)")
     parser.add_argument("--resnet18-width", type=float, default=None,

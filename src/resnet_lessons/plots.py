@@ -572,3 +572,46 @@ def recall_by_class(table: "pd.DataFrame", methods: Sequence[str] | None = None,
 
 
 _SUMMARY_ROWS = ("balanced accuracy", "head (most frequent third)", "tail (rarest third)")
+
+
+# --- performance (chapter 13) ----------------------------------------------------------------------
+
+
+def speedup_bars(table: "pd.DataFrame", *, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Speed-up over a baseline (1 = as fast): one group of horizontal bars per row of ``table`` (e.g. models),
+    one bar per column (e.g. speed features); a missing value (not measured) leaves a gap."""
+    rows, columns = list(table.index), list(table.columns)
+    fig, ax = figure_and_axes(ax, (7, 0.35 * len(rows) * len(columns) + 1.2))
+    height = 0.8 / max(1, len(columns))
+    for j, column in enumerate(columns):
+        positions = [i + j * height for i in range(len(rows))]
+        ax.barh(positions, table[column].astype(float), height=height, color=f"C{j}", label=str(column))
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))], [str(r) for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("training images per second, relative to the baseline (x)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_over_time(curves: "Mapping[str, pd.DataFrame]", *, targets: Sequence[float] = (), x: str = "train_s",
+                       y: str = "accuracy_tta", ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Accuracy (``y``) against training seconds (``x``) for each run, with dotted lines at the ``targets``."""
+    fig, ax = figure_and_axes(ax, (6, 3.6))
+    for name, curve in curves.items():
+        ax.plot(curve[x], curve[y], marker=".", label=str(name))
+    for target in targets:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+        ax.text(ax.get_xlim()[0], target, f" {target:.0%}", va="bottom", fontsize=8, color="grey")
+    ax.set_xlabel("training seconds (evaluation excluded)" if x == "train_s" else x)
+    ax.set_ylabel("accuracy" + (" (flip TTA)" if y == "accuracy_tta" else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,130 @@
+"""Every benchmark script runs end to end at its smallest size and writes the JSON the book reads.
+
+No speed is asserted (speed goals live in the scripts); these check that each script runs, prints its table and
+records hardware, versions, date and command with its figures. Each runs as `python bench/<script>.py`, the way a
+reader runs it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_lessons import speed
+from resnet_lessons.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def check_record(result: dict, script: str) -> None:
+    assert {"cpu", "cpu_count", "cpu_affinity", "torch_threads", "cuda"} <= set(result["hardware"])
+    assert result["versions"]["torch"] == str(torch.__version__)
+    assert result["date"][:2] == "20" and "T" in result["date"]
+    assert result["command"].startswith(f"bench/{script}")
+
+
+@pytest.mark.slow
+def test_throughput_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    printed = run_bench("throughput.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    check_record(result, "throughput.py")
+    assert result["benchmark"] == "throughput" and result["smoke"] is True
+    rows = {row["id"]: row for row in result["results"]}
+    assert {"resnet8/feature/baseline", "resnet8/feature/channels_last", "resnet8/feature/bf16",
+            "resnet8/loader/DataLoader, 0 workers", "resnet8/threads/1 thread"} <= set(rows)
+    assert result["failed"] == [] and all(row["status"] == "ok" for row in rows.values())
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["peak_memory_mib"] > 0 and row["speedup"] > 0
+    assert rows["resnet8/feature/baseline"]["speedup"] == 1.0
+    assert "images/s" in printed and "resnet8/feature/bf16" in printed
+
+
+@pytest.mark.slow
+def test_throughput_isolated_configuration_runs_in_its_own_process(tmp_path):
+    out = tmp_path / "t.json"
+    run_bench("throughput.py", "--models", "resnet8", "--features", "baseline", "--focus", "resnet8", "--batch-sizes",
+              "--workers", "--threads", "--batch-size", "16", "--steps", "1", "--warmup", "1", "--device", "cpu",
+              "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["settings"]["isolated"] is True
+    baseline = next(row for row in result["results"] if row["setting"] == "baseline")
+    assert baseline["status"] == "ok" and baseline["process_s"] > 0
+    assert baseline["memory"] == "process peak RSS (getrusage)" and baseline["training_memory_mib"] >= 0
+
+
+@pytest.mark.slow
+def test_gpu_speedrun_smoke(tmp_path):
+    out = tmp_path / "gpu_speedrun.json"
+    run_bench("gpu_speedrun.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    check_record(result, "gpu_speedrun.py")
+    assert result["benchmark"] == "gpu_speedrun" and result["smoke"] is True
+    (run,) = result["runs"]
+    assert run["epochs"] == 1 and len(run["curve"]) == 1
+    assert 0 <= run["final_accuracy"] <= 1 and 0 <= run["final_accuracy_tta"] <= 1
+    assert set(run["time_to"]) == {"0.94", "0.95"} and result["warmup_s"] > 0
+    assert result["recipe"]["precision"] == "bf16" and result["recipe"]["channels_last"] is True
+    assert result["summary"]["0.94"]["goal_s"] == 25.0 and result["anchors"]["0.94"]["seconds"] == 52
+
+
+@pytest.mark.slow
+def test_loader_benchmark_small(tmp_path):
+    out = tmp_path / "loader.json"
+    run_bench("loader.py", "--data", "synthetic", "--images", "256", "--batch-size", "64", "--min-seconds", "0.1",
+              "--out", str(out))
+    result = json.loads(out.read_text())
+    check_record(result, "loader.py")
+    assert result["fast_images_per_s"] > 0 and result["dataloader_w2_images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_small(tmp_path):
+    out = tmp_path / "tta.json"
+    run_bench("time_to_accuracy.py", "--data", "synthetic", "--budgets", "3", "--val-per-class", "10",
+              "--out", str(out))
+    result = json.loads(out.read_text())
+    check_record(result, "time_to_accuracy.py")
+    assert {r["recipe"] for r in result["results"]} == {"cpu", "article"}
+    assert all(0 <= r["val_accuracy"] <= 1 for r in result["results"])
+
+
+def test_flip_tta_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = build_model("resnet8", width=0.25).eval()
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (20,))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    plain, tta = speed.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=7)
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits, mirrored = model(x), model(x.flip(3))
+    assert plain == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert tta == pytest.approx(((logits + mirrored).argmax(1) == labels).float().mean().item())
+
+
+def test_measure_throughput_rejects_bad_settings():
+    model = build_model("resnet8", width=0.25)
+    with pytest.raises(ValueError, match="precision"):
+        speed.measure_throughput(model, 8, 1, precision="fp8")
+    with pytest.raises(ValueError, match="loader"):
+        speed.measure_throughput(model, 8, 1, loader="ffcv")
+
+
+def test_find_result_reads_the_repository_results_and_labels_them():
+    result, path = speed.find_result("loader")
+    assert path is not None and path.name == "loader.json"
+    label = speed.describe_result(result)
+    assert result["date"][:10] in label and result["versions"]["torch"] in label
+    assert speed.find_result("no-such-benchmark") == (None, None)
+    assert speed.describe_result(None) == "no measurement in this installation"
