@@ -128,3 +128,11 @@ def test_find_result_reads_the_repository_results_and_labels_them():
     assert result["date"][:10] in label and result["versions"]["torch"] in label
     assert speed.find_result("no-such-benchmark") == (None, None)
     assert speed.describe_result(None) == "no measurement in this installation"
+
+
+def test_a_smoke_result_is_not_a_measurement(tmp_path, monkeypatch):
+    (tmp_path / "throughput.json").write_text(json.dumps({"smoke": True, "results": []}))
+    (tmp_path / "gpu_speedrun.json").write_text(json.dumps({"smoke": False, "runs": []}))
+    monkeypatch.setattr(speed, "results_dirs", lambda: [tmp_path])
+    assert speed.find_result("throughput") == (None, None)
+    assert speed.find_result("gpu_speedrun") == ({"smoke": False, "runs": []}, tmp_path / "gpu_speedrun.json")

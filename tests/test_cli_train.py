@@ -2,7 +2,6 @@
 SIGKILL that resumes to the same weights as an uninterrupted one (real subprocesses)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -12,25 +12,10 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from resnet_lessons import checkpoints, finetune as ft, runtime, transfer
-from resnet_lessons.data import DataSplits, channel_stats, make_synthetic, stratified_split
+from resnet_lessons.data import make_synthetic
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_data(per_class=12, val_per_class=3, size=16, seed=0) -> DataSplits:
-    images = make_synthetic(per_class, image_size=size, seed=seed)
-    rest, held = stratified_split(images.labels, val_per_class, seed)
-    train = images.subset(rest)
-    mean, std = channel_stats(train.images)
-    return DataSplits("synthetic", {"train": train, "val": images.subset(held)}, mean, std)
+from tiny import tiny_data
 
 
 DATA = tiny_data()

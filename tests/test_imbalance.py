@@ -9,17 +9,10 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from resnet_lessons import imbalance, runtime
-from resnet_lessons.data import DataSplits, DeviceLoader, ImageSet, channel_stats, make_synthetic, stratified_split
+from resnet_lessons.data import DataSplits, DeviceLoader, channel_stats, make_synthetic, stratified_split
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig, fit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tiny import tiny_data
 
 
 def logits_labels(n=64, c=5, seed=0):
@@ -251,14 +244,6 @@ def test_recall_table_sorts_by_training_count_and_summarises_head_and_tail():
 
 
 # --- the training loop's hooks for a loss and a sampler ---------------------------------------------
-
-
-def tiny_data() -> DataSplits:
-    images = make_synthetic(12, image_size=16, seed=0)
-    rest, held = stratified_split(images.labels, 3, 0)
-    train = images.subset(rest)
-    mean, std = channel_stats(train.images)
-    return DataSplits("synthetic", {"train": train, "val": images.subset(held)}, mean, std)
 
 
 class Recorder(torch.nn.Module):

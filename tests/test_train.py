@@ -1,14 +1,12 @@
 """The training loop: schedules against torch's, optimiser groups, determinism, exact resume, early
 stopping with best weights, budgets, hooks, NaN stops, bad input. Tiny models on 16x16 synthetic data."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from resnet_lessons import checkpoints, runtime
-from resnet_lessons.data import DataSplits, channel_stats, make_synthetic, stratified_split
+from resnet_lessons.data import DataSplits
 from resnet_lessons.models import build_model
 from resnet_lessons.optim import lr_at, make_optimizer, schedule_curve
 from resnet_lessons.profiles import get_profile
@@ -22,25 +20,10 @@ from resnet_lessons.train import (
     fit,
     replace,
 )
+from tiny import tiny_data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_data(per_class=24, val_per_class=6, size=16, seed=0) -> DataSplits:
-    images = make_synthetic(per_class, image_size=size, seed=seed)
-    rest, held = stratified_split(images.labels, val_per_class, seed)
-    train = images.subset(rest)
-    mean, std = channel_stats(train.images)
-    return DataSplits("synthetic", {"train": train, "val": images.subset(held)}, mean, std)
-
-
-DATA = tiny_data()
+DATA = tiny_data(per_class=24, val_per_class=6)
 CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2, quiet=True)
 
 

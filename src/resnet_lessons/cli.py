@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import __version__
 
@@ -223,7 +223,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from . import runtime
     from .checkpoints import CheckpointError, ClassMismatch
     from .evaluate import evaluate
-    from .profiles import NAMED_SOURCES, SettingsError, check_source, get_profile
+    from .profiles import SettingsError, check_source, get_profile
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -3,12 +3,15 @@ panel) and returns the Figure, so chapters, widgets and tests can use the same d
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def subplots(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -188,11 +188,13 @@ def results_dirs() -> list[Path]:
 
 def find_result(name: str) -> tuple[dict[str, Any] | None, Path | None]:
     """The benchmark result ``bench/results/<name>.json`` and its path, or ``(None, None)`` when this
-    installation has none (Colab installs the library without the repository's results)."""
+    installation has none (Colab installs the library without the repository's results). A ``--smoke`` run's
+    output (``"smoke": true``) is a test of the script, not a measurement: it counts as none."""
     for folder in results_dirs():
         path = folder / f"{name}.json"
         if path.is_file():
-            return json.loads(path.read_text()), path.resolve()
+            result = json.loads(path.read_text())
+            return (None, None) if result.get("smoke") else (result, path.resolve())
     return None, None
 
 
