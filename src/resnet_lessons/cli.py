@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from types import SimpleNamespace
 from typing import Sequence
 
 from . import __version__
@@ -69,6 +70,21 @@ def _load_data(source: str, profile, seed: int, image_size: int = 32):  # -> Dat
                     seed=seed)
     except (DataUnavailable, DataError) as error:  # never a silent fallback to synthetic here
         raise CommandError(str(error)) from None
+
+
+def _recorded_data(checkpoint, source: str):  # -> (DataSplits, image_size)
+    """``source`` split the way the checkpoint's training run split it (sizes, seed, image size)."""
+    from .profiles import get_profile
+
+    recorded = dict(checkpoint.extra.get("data") or {})
+    smoke = get_profile("smoke")
+    sizes = SimpleNamespace(
+        val_per_class=recorded.get("val_per_class", smoke.val_per_class if source == "synthetic" else 500),
+        train_per_class=recorded.get("train_per_class"),
+        synthetic_per_class=recorded.get("synthetic_per_class", smoke.synthetic_per_class),
+    )
+    size = int(recorded.get("image_size", 32))
+    return _load_data(source, sizes, recorded.get("seed", 0), image_size=size), size
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -223,7 +239,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from . import runtime
     from .checkpoints import CheckpointError, ClassMismatch
     from .evaluate import evaluate
-    from .profiles import SettingsError, check_source, get_profile
+    from .profiles import SettingsError, check_source
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -232,15 +248,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         source = check_source(args.data)
     except SettingsError as error:
         raise CommandError(str(error)) from None
-    recorded = dict(checkpoint.extra.get("data") or {})
-    smoke = get_profile("smoke")
-    split_sizes = {
-        "val_per_class": recorded.get("val_per_class", smoke.val_per_class if source == "synthetic" else 500),
-        "train_per_class": recorded.get("train_per_class"),
-        "synthetic_per_class": recorded.get("synthetic_per_class", smoke.synthetic_per_class),
-    }
-    profile = type("Recorded", (), split_sizes)()
-    data = _load_data(source, profile, recorded.get("seed", 0), image_size=recorded.get("image_size", 32))
+    data, _ = _recorded_data(checkpoint, source)
     split = args.split or ("test" if "test" in data.splits else "val")
     if split not in data.splits:
         raise CommandError(f"{source} has no split {split!r}; it has {', '.join(data.splits)}")
@@ -415,7 +423,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from .checkpoints import CheckpointError
     from .export import ExportError, ModelCard, export_model
-    from .profiles import SettingsError, check_source, get_profile
+    from .profiles import SettingsError, check_source
 
     if args.verify_images < 1:
         raise CommandError(f"--verify-images must be at least 1, got {args.verify_images}")
@@ -425,19 +433,13 @@ def _run_export(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CommandError(f"--out {out} is a folder; give a file name such as {out / 'model.onnx'}")
     checkpoint = _load_checkpoint(args.checkpoint)
-    recorded = dict(checkpoint.extra.get("data") or {})
-    size = int(recorded.get("image_size", 32))
+    size = int(dict(checkpoint.extra.get("data") or {}).get("image_size", 32))
     if args.data:
         try:
             source = check_source(args.data)
         except SettingsError as error:
             raise CommandError(str(error)) from None
-        smoke = get_profile("smoke")
-        profile = type("Recorded", (), {
-            "val_per_class": recorded.get("val_per_class", smoke.val_per_class if source == "synthetic" else 500),
-            "train_per_class": recorded.get("train_per_class"),
-            "synthetic_per_class": recorded.get("synthetic_per_class", smoke.synthetic_per_class)})()
-        data = _load_data(source, profile, recorded.get("seed", 0), image_size=size)
+        data, size = _recorded_data(checkpoint, source)
         split = "val" if "val" in data.splits else next(iter(data.splits))
         images, inputs = data[split].images[: args.verify_images], f"{source} {split} images"
     else:
