@@ -61,10 +61,26 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
     return next((point for point in curve if point["accuracy_tta"] >= target), None)
 
 
+def summarise(runs: list[dict], targets: list[float]) -> dict:
+    """The fastest time to each target over the runs, against the goals; the epochs that fit in each goal."""
+    summary = {}
+    for target in targets:
+        key = f"{target:.2f}"
+        times = [(r["time_to"][key], r["epochs"]) for r in runs if r["time_to"][key] is not None]
+        best = min(times) if times else None
+        summary[key] = {"seconds": best[0] if best else None, "run_epochs": best[1] if best else None,
+                        "goal_s": GOALS.get(key),
+                        "goal_met": (best[0] <= GOALS[key]) if best and key in GOALS else None}
+    median_epoch = statistics.median(r["median_epoch_s"] for r in runs)
+    summary["median_epoch_s"] = median_epoch
+    summary["epochs_that_fit"] = {key: int(goal // median_epoch) for key, goal in GOALS.items()}  # for the next run
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None,
-                        help="image source: a folder/zip of images or cifar10 (default: the shared JPEG zip if present)")
+                        help="image source: an image folder or zip, or cifar10 (default: the shared JPEG zip if here)")
     parser.add_argument("--val-per-class", type=int, default=None,
                         help="images per class carved out of train and scored (default: 500; 0 with cifar10)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[18, 45], help="one full run per entry")
@@ -133,8 +149,19 @@ def main(argv=None) -> int:
     steps = max(1, min(args.warmup_steps, len(data.train) // cfg.batch_size))
     warm = DataSplits(source=data.source, splits={"train": data.train.subset(torch.arange(steps * cfg.batch_size))},
                       mean=data.mean, std=data.std)
-    fit(model, warm, replace(cfg, epochs=1), device=device)
-    runtime_s = {"load_s": load_s, "warmup_s": time.perf_counter() - started, "warmup_steps": steps}
+    compile_error = None
+    try:
+        fit(model, warm, replace(cfg, epochs=1), device=device)
+    except Exception as error:  # noqa: BLE001 - no compiler here: the run goes on without torch.compile
+        if not cfg.compile:
+            raise
+        compile_error = f"{type(error).__name__}: {str(error)[:500]}"
+        print(f"torch.compile failed ({compile_error}); continuing without it", flush=True)
+        torch._dynamo.reset()
+        cfg = replace(cfg, compile=False)
+        fit(model, warm, replace(cfg, epochs=1), device=device)
+    runtime_s = {"load_s": load_s, "warmup_s": time.perf_counter() - started, "warmup_steps": steps,
+                 "compile_error": compile_error}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -155,24 +182,33 @@ def main(argv=None) -> int:
             run["time_to"][f"{target:.2f}"] = point["train_s"] if point else None
             run["epoch_to"][f"{target:.2f}"] = point["epoch"] if point else None
         runs.append(run)
+        report = {  # written after every run: a run cut short keeps what it measured
+            "benchmark": "gpu_speedrun",
+            "smoke": args.smoke,
+            "device": runtime.describe_device(device),
+            "data": {"source": source, "train_images": len(data.train), "scored_split": split_name,
+                     "scored_images": len(scored), "label": label, "notes": list(data.notes)},
+            "model": {"name": "resnet18", **cfg.model_options},
+            "recipe": {k: v for k, v in cfg.as_dict().items() if k != "epochs"},
+            "tta": "horizontal flip: logits of the image and of its mirror image summed",
+            "timing": "time_to = fit's wall clock to the end of the first epoch whose flip-TTA accuracy reaches the "
+                      "target, less the evaluations; data loading and the compiling warm-up are apart",
+            **runtime_s,
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "runs": runs,
+            "summary": summarise(runs, args.targets),
+            "complete": len(runs) == len(args.epochs),
+            "goals_s": GOALS,
+            "anchors": ANCHORS,
+            **common.record(__file__, argv),
+        }
+        common.write_json(args.out, report)
         print(f"  {epochs:3d} epochs: {run['train_s']:7.1f} s training, accuracy {run['final_accuracy']:.4f}, "
               f"with flip TTA {run['final_accuracy_tta']:.4f}; " + ", ".join(
                   f"{k}: {v:.1f} s" if v is not None else f"{k}: not reached" for k, v in run["time_to"].items()),
               flush=True)
 
-    summary = {}
-    for target in args.targets:
-        key = f"{target:.2f}"
-        times = [(r["time_to"][key], r["epochs"]) for r in runs if r["time_to"][key] is not None]
-        best = min(times) if times else None
-        summary[key] = {"seconds": best[0] if best else None, "run_epochs": best[1] if best else None,
-                        "goal_s": GOALS.get(key),
-                        "goal_met": (best[0] <= GOALS[key]) if best and key in GOALS else None}
-    median_epoch = statistics.median(r["median_epoch_s"] for r in runs)
-    summary["median_epoch_s"] = median_epoch
-    summary["epochs_that_fit"] = {key: int(goal // median_epoch) for key, goal in GOALS.items()}  # for the next run
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
+    summary = report["summary"]
     print()
     columns = [("epochs", "epochs", "d"), ("train_s", "train s", ".1f"), ("median_epoch_s", "s/epoch", ".2f"),
                ("first_epoch_s", "1st epoch s", ".2f"), ("images_per_s", "images/s", ",.0f"),
@@ -181,27 +217,7 @@ def main(argv=None) -> int:
     common.print_table(rows, columns + [(f"to {t:.2f}", f"s to {t:.0%}", ".1f") for t in args.targets])
     for key, value in summary.items():
         print(f"{key}: {value}")
-    report = {
-        "benchmark": "gpu_speedrun",
-        "smoke": args.smoke,
-        "device": runtime.describe_device(device),
-        "data": {"source": source, "train_images": len(data.train), "scored_split": split_name,
-                 "scored_images": len(scored), "label": label, "notes": list(data.notes)},
-        "model": {"name": "resnet18", **cfg.model_options},
-        "recipe": {k: v for k, v in cfg.as_dict().items() if k != "epochs"},
-        "tta": "horizontal flip: logits of the image and of its mirror image summed",
-        "timing": "time_to = fit's wall clock to the end of the first epoch whose flip-TTA accuracy reaches the "
-                  "target, less the evaluations; data loading and the compiling warm-up are apart",
-        **runtime_s,
-        "peak_memory_mib": peak,
-        "runs": runs,
-        "summary": summary,
-        "goals_s": GOALS,
-        "anchors": ANCHORS,
-        **common.record(__file__, argv),
-    }
-    out = common.write_json(args.out, report)
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

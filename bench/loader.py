@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the fast loader (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time the fast loader at least this long")
-    parser.add_argument("--data", default=None, help="image source (default: the shared JPEG zip if here, else synthetic)")
+    parser.add_argument("--data", default=None,
+                        help="image source (default: the shared JPEG zip if here, else synthetic)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "loader.json")
     args = parser.parse_args(argv)
     if args.threads:

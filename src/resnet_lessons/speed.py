@@ -29,9 +29,8 @@ def autocast_context(precision: str, device: torch.device):  # type: ignore[no-u
     """``torch.autocast`` for bf16/fp16 on ``device``; a no-op context for fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return contextlib.nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -46,10 +45,10 @@ def peak_memory_mib(device: torch.device) -> tuple[float | None, str]:
     process per configuration turns into a per-configuration figure (``bench/throughput.py`` does that)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    try:
-        import resource
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         return None, "unavailable"
+    import resource
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS (getrusage)"
 
@@ -95,15 +94,12 @@ def measure_throughput(
     backward, SGD step. The model is trained in place on random images: pass a fresh one. Returns
     ``images_per_s``, ``step_ms``, ``warmup_s`` (compiling happens there), ``peak_memory_mib`` and ``memory``.
     """
-    if steps < 1 or warmup < 1 or batch_size < 1:
-        raise ValueError(f"steps, warmup and batch_size must be at least 1; got {steps}, {warmup}, {batch_size}")
-    if loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if steps < 1 or warmup < 1 or batch_size < 1 or loader not in LOADERS or precision not in PRECISIONS:
+        raise ValueError(f"need steps, warmup, batch_size >= 1, loader in {LOADERS}, precision in {PRECISIONS}; "
+                         f"got {steps}, {warmup}, {batch_size}, loader {loader!r}, precision {precision!r}")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    n = batch_size * min(warmup + steps, 16)  # the loader cycles over these images
+    n = min(batch_size * (warmup + steps), max(batch_size, 50_000))  # one epoch: no loader restart while timed
     images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (n,), generator=generator)
     model.to(device).train()
@@ -130,18 +126,15 @@ def measure_throughput(
             optimizer.step()
         return loss.detach()
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        loss = step()
-    float(loss)  # waits for the device
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    float(loss)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    timings = []
+    for count in (warmup, steps):
+        start = time.perf_counter()
+        for _ in range(count):
+            loss = step()
+        float(loss)  # waits for the device
+        synchronize(device)
+        timings.append(time.perf_counter() - start)
+    warmup_s, seconds = timings
     batches.close()  # ends the DataLoader's workers
     memory, kind = peak_memory_mib(device)
     return {"images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps,
@@ -202,12 +195,10 @@ def describe_result(result: dict[str, Any] | None) -> str:
     """One line that labels a figure: the hardware and the date of a benchmark result."""
     if not result:
         return "no measurement in this installation"
-    hardware = result.get("hardware", {})
-    gpu = hardware.get("cuda")
-    cores = hardware.get("torch_threads") or hardware.get("cpu_affinity") or hardware.get("cpu_count")
-    where = gpu if gpu else f"{hardware.get('cpu', 'unknown CPU')} ({cores} threads)"
-    torch_version = result.get("versions", {}).get("torch", "?")
-    return f"{where}, torch {torch_version}, {str(result.get('date', '?'))[:10]}"
+    hw = result.get("hardware", {})
+    threads = hw.get("torch_threads") or hw.get("cpu_count")
+    where = hw.get("cuda") or f"{hw.get('cpu', 'unknown CPU')} ({threads} threads)"
+    return f"{where}, torch {result.get('versions', {}).get('torch', '?')}, {str(result.get('date', '?'))[:10]}"
 
 
 __all__ = ["autocast_context", "describe_result", "find_result", "flip_tta_accuracy", "measure_throughput",
