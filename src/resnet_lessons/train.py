@@ -116,7 +116,10 @@ class FitResult:
 def _autocast(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.dtype | None]:
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type != "cuda":
+            precision = "fp32"
+        else:  # native bf16 (Ampere and newer); fp16 with a scaler on older GPUs such as Colab's T4
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp32":
         return contextlib.nullcontext, None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
