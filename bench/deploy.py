@@ -12,42 +12,20 @@ rows of one run rather than runs on different days.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from resnet_lessons import __version__, checkpoints, export, runtime, train
+import common
+from resnet_lessons import checkpoints, export, runtime, train
 from resnet_lessons.data import DataUnavailable, load
 from resnet_lessons.models import build_model
 from resnet_lessons.profiles import from_env
 
-RESULTS = Path(__file__).resolve().parent / "results" / "deploy.json"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "resnet_lessons": __version__}
-    for name in ("onnx", "onnxruntime"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "missing"
-    return versions
+RESULTS = common.RESULTS / "deploy.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table.round(3).to_string())
     report = {
         "benchmark": "deploy",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": {"cpu": _cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
-                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "versions": _versions(),
+        **common.record(__file__, argv),
+        "onnx_versions": {name: __import__(name).__version__ for name in ("onnx", "onnxruntime")},
         "settings": {"profile": profile.name, "model": model_name, "data": source, "images": len(images),
                      "repeats": args.repeats, "threads": args.threads, "checkpoint": args.checkpoint,
                      "quantization_engine": torch.backends.quantized.engine},
         "rows": json.loads(table.reset_index().to_json(orient="records")),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
