@@ -7,7 +7,7 @@ and later calibration or robustness studies, and a model is run once per questio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,13 @@ def infer(
     std: Sequence[float],
     batch_size: int = 1000,
     device: str | torch.device = "cpu",
+    output: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits ``[N, num_classes]`` (float32, on the CPU) for uint8 images ``[N, 3, H, W]``.
 
     The model runs in eval mode (BatchNorm uses its running statistics) and is put back in the
-    mode it was in.
+    mode it was in. ``output(model, x)`` replaces ``model(x)`` to collect something else per batch
+    (penultimate features, for example).
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"infer expects uint8 images [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}")
@@ -47,7 +49,7 @@ def infer(
     try:
         for start in range(0, images.shape[0], batch_size):
             x = normalise(images[start : start + batch_size].to(device), mean, std)
-            outputs.append(model(x).float().cpu())
+            outputs.append((model(x) if output is None else output(model, x)).float().cpu())
     finally:
         model.train(was_training)
     if not outputs:

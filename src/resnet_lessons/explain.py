@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import normalise
+from .evaluate import infer
 
 
 def _layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
@@ -168,15 +168,7 @@ def penultimate_features(
     Uses ``model.features(x)`` when the model has it; otherwise the input of its ``fc`` layer, read
     with a forward pre-hook.
     """
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 images [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}")
-    device = torch.device(device)
-    outputs = []
-    with _EvalMode(model):
-        for start in range(0, images.shape[0], batch_size):
-            x = normalise(images[start : start + batch_size].to(device), mean, std)
-            outputs.append(_features(model, x).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+    return infer(model, images, mean=mean, std=std, batch_size=batch_size, device=device, output=_features)
 
 
 def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
