@@ -28,6 +28,20 @@ def figure_and_axes(ax: Axes | None, figsize: tuple[float, float] = (5, 3.5)) ->
     return subplots(figsize=figsize)
 
 
+def _epoch_panels(fig: Figure, axes: Sequence[Axes], ylabels: Sequence[str], *, legend_on: Axes,
+                  title: str | None, legend_size: int = 8) -> Figure:
+    """Label per-epoch panels (x: epoch, a grid), put the legend on one of them, add the title."""
+    for ax, ylabel in zip(axes, ylabels):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    legend_on.legend(fontsize=legend_size)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def image_grid(
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -417,16 +431,7 @@ def strategy_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | Non
         colour = METHOD_COLOURS.get(str(name))
         left.plot(history["epoch"], history["val_accuracy"], marker=".", label=str(name), color=colour)
         right.plot(history["epoch"], history["train_loss"], marker=".", label=str(name), color=colour)
-    left.set_ylabel("validation accuracy")
-    right.set_ylabel("training loss")
-    for ax in (left, right):
-        ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-    left.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _epoch_panels(fig, (left, right), ("validation accuracy", "training loss"), legend_on=left, title=title)
 
 
 def batchnorm_shift_bars(shifts: "Mapping[str, pd.DataFrame]", *, ax: Axes | None = None,
@@ -503,16 +508,8 @@ def training_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | Non
             ax.plot(history["epoch"], history[f"train_{metric}"], color=colour, marker=".", label=f"{name}, train")
             ax.plot(history["epoch"], history[f"val_{metric}"], color=colour, marker=".", linestyle="--",
                     label=f"{name}, validation")
-    left.set_ylabel("loss (cross-entropy)")
-    right.set_ylabel("accuracy")
-    for ax in (left, right):
-        ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-    right.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _epoch_panels(fig, (left, right), ("loss (cross-entropy)", "accuracy"), legend_on=right,
+                         title=title, legend_size=7)
 
 
 # --- overfitting and class imbalance (chapters 10 and 11) ------------------------------------------
