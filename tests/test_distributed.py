@@ -26,7 +26,7 @@ WORKER = textwrap.dedent(
     train = images.subset(rest)
     mean, std = channel_stats(train.images)
     data = DataSplits("synthetic", {"train": train, "val": images.subset(held)}, mean, std)
-    cfg = TrainConfig(epochs=2, batch_size=40, lr=0.1, quiet=True, crop_padding=0, flip=False)
+    cfg = TrainConfig(epochs=2, batch_size=40, lr=0.1, quiet=True, crop_padding=0, flip=False, precision="fp32")
     runtime.seed_everything(0)
     resnet = build_model("resnet8", width=0.5)
     result = fit(resnet, data, cfg, device=world.device)

@@ -24,7 +24,8 @@ from tiny import tiny_data
 
 
 DATA = tiny_data(per_class=24, val_per_class=6)
-CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2, quiet=True)
+CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2, quiet=True,
+                  precision="fp32")  # exact comparisons: the same arithmetic on every CPU
 
 
 def tiny_model(seed=0):
@@ -184,6 +185,26 @@ def test_budget_run_plans_its_steps_to_end_within_the_budget(monkeypatch):
     assert result.total_steps > len(DATA.train) // CFG.batch_size  # more than cfg.epochs: the budget decides
     assert result.seconds <= cfg.budget_seconds
     assert result.history["lr"].iloc[-1] == pytest.approx(lr_at(result.total_steps - 1, result.total_steps, cfg))
+
+
+def test_budget_run_replans_after_its_first_epoch(monkeypatch):
+    """The probe's first steps are slow (a cold start); the plan made after epoch 1 uses the budget left."""
+    import resnet_lessons.train as train_module
+
+    plans, now = [], [0.0]
+
+    def clock():  # 50 ms per reading until the first plan (the probe), 10 ms after
+        now[0] += 0.05 if not plans else 0.01
+        return now[0]
+
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=4.0, budget_probe_steps=3)  # 18 steps per epoch
+    real_plan = train_module._plan_budget
+    monkeypatch.setattr(train_module, "_plan_budget", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    result = fit(tiny_model(), DATA, cfg, device="cpu")
+    assert len(plans) == 2 and plans[1] > 1.5 * plans[0]  # the first epoch showed that many more steps fit
+    assert result.stopped == "budget" and result.steps == result.total_steps == plans[1]
+    assert 0.6 * cfg.budget_seconds <= result.seconds <= cfg.budget_seconds
 
 
 def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path):

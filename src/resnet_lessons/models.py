@@ -7,6 +7,9 @@ Two families, both from He et al., "Deep Residual Learning for Image Recognition
 * ``resnet8/20/32/44/56/110``: the CIFAR-10 networks of Sec. 4.2, 6n+2 layers with widths 16/32/64,
   and ``plain20/56/110``: the same networks with the shortcuts removed.
 
+And one from Page, "How to train your ResNet" (2018), the DAWNBench winner: ``resnet9``, a ResNet built for
+throughput (few layers at full resolution, max-pool downsampling, two residual blocks), the book's CPU recipe.
+
 Build any of them with :func:`build_model`; :data:`MODELS` maps names to builders.
 """
 
@@ -274,6 +277,58 @@ def _make_stage(
     return nn.Sequential(*layers), out_channels
 
 
+def _conv_pool(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 convolution, 2x2 max-pool, BatchNorm, ReLU: ResNet-9's way down (pooling before the BatchNorm
+    leaves it a quarter of the pixels to normalise)."""
+    return nn.Sequential(
+        conv3x3(in_channels, out_channels), nn.MaxPool2d(2), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+    )
+
+
+class ResNet9(nn.Module):
+    """ResNet-9 (Page 2018): a 3x3 stem, three stages that each convolve, pool and (the first and last) add a
+    residual :class:`BasicBlock`, global max-pool, a bias-free ``fc`` whose logits are scaled by 1/8.
+
+    Only the stem runs at 32x32, so it does about as much work per image as ResNet-20 at a quarter of the
+    width but on wide, fast convolutions. Same interface as :class:`ResNet` (``stages``, ``features``,
+    ``fc``, ``num_features``, ``check_input``); PyTorch's default initialisation, as in Page's runs."""
+
+    logit_scale = 0.125  # Page: a smaller output scale lets the high learning rate train the head stably
+
+    def __init__(self, widths: Sequence[int], *, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.arch = "resnet9"
+        self.in_channels = in_channels
+        self.stem_kind = "cifar"
+        stem, w1, w2, w3 = widths
+        self.conv1 = conv3x3(in_channels, stem)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()  # for shape_trace and the stem/stage names shared with ResNet
+        self.layer1 = nn.Sequential(_conv_pool(stem, w1), BasicBlock(w1, w1))
+        self.layer2 = nn.Sequential(_conv_pool(w1, w2))
+        self.layer3 = nn.Sequential(_conv_pool(w2, w3), BasicBlock(w3, w3))
+        self.stage_names = ["layer1", "layer2", "layer3"]
+        self.pool = nn.AdaptiveMaxPool2d((1, 1))
+        self.fc = nn.Linear(w3, num_classes, bias=False)
+        self.num_features = w3
+        self.min_input_size = 8  # three 2x2 pools
+
+    stages = ResNet.stages
+    check_input = ResNet.check_input
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features: the globally max-pooled output of the last stage, ``[batch, num_features]``."""
+        self.check_input(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages:
+            x = stage(x)
+        return torch.flatten(self.pool(x), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x)) * self.logit_scale
+
+
 def _check_options(arch: str, num_classes: int, width: float, in_channels: int, **choices: str) -> None:
     allowed = {"stem": ("imagenet", "cifar"), "shortcut": ("A", "B")}
     for option, value in choices.items():
@@ -370,6 +425,16 @@ def _cifar_resnet(arch: str, n: int, residual: bool) -> Callable[..., ResNet]:
     return build
 
 
+RESNET9_WIDTHS = (64, 128, 256, 512)
+
+
+def resnet9(num_classes: int = 10, *, width: float = 1.0, in_channels: int = 3) -> ResNet9:
+    """ResNet-9 (Page 2018, "How to train your ResNet"): widths 64/128/256/512, 6.57M parameters."""
+    _check_options("resnet9", num_classes, width, in_channels)
+    return ResNet9([max(1, round(w * width)) for w in RESNET9_WIDTHS], num_classes=num_classes,
+                   in_channels=in_channels)
+
+
 resnet8 = _cifar_resnet("resnet8", 1, residual=True)
 resnet20 = _cifar_resnet("resnet20", 3, residual=True)
 resnet32 = _cifar_resnet("resnet32", 5, residual=True)
@@ -380,12 +445,13 @@ plain20 = _cifar_resnet("plain20", 3, residual=False)
 plain56 = _cifar_resnet("plain56", 9, residual=False)
 plain110 = _cifar_resnet("plain110", 18, residual=False)
 
-MODELS: dict[str, Callable[..., ResNet]] = {
+MODELS: dict[str, Callable[..., ResNet | ResNet9]] = {
     builder.__name__: builder
     for builder in (
         resnet18, resnet34, resnet50,
         resnet8, resnet20, resnet32, resnet44, resnet56, resnet110,
         plain20, plain56, plain110,
+        resnet9,
     )
 }
 
@@ -395,14 +461,14 @@ def model_options(name: str) -> list[str]:
     return [p for p in inspect.signature(_builder(name)).parameters if p != "num_classes"]
 
 
-def _builder(name: str) -> Callable[..., ResNet]:
+def _builder(name: str) -> Callable[..., ResNet | ResNet9]:
     try:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
 
 
-def build_model(name: str, num_classes: int = 10, **options: Any) -> ResNet:
+def build_model(name: str, num_classes: int = 10, **options: Any) -> ResNet | ResNet9:
     """The network called ``name`` in :data:`MODELS`, with ``num_classes`` outputs.
 
     Options (each only where it applies; an unknown one raises a ValueError naming it):
@@ -453,7 +519,8 @@ def shape_trace(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) ->
     import pandas as pd
 
     stages = [name for name, _ in model.named_children() if name.startswith("layer")]
-    points = {"maxpool": "stem", **{name: name for name in stages}, "avgpool": "pool", "fc": "fc"}
+    pool = "avgpool" if hasattr(model, "avgpool") else "pool"  # ResNet-9 max-pools
+    points = {"maxpool": "stem", **{name: name for name in stages}, pool: "pool", "fc": "fc"}
     rows: list[dict[str, object]] = [{"stage": "input", "shape": tuple(input_size)}]
     handles = [
         getattr(model, module).register_forward_hook(
@@ -481,6 +548,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "ResNet9",
     "ZeroPadShortcut",
     "build_model",
     "count_flops",

@@ -66,9 +66,9 @@ class TrainConfig:
     patience: int | None = None  # stop after this many epochs without a better validation score; None: never
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what "better" means
     restore_best: bool = True  # with early stopping: end with the weights of the best epoch
-    # speed (all off on the CPU, where they do not help; "auto" turns bf16 and channels_last on for CUDA)
-    precision: Precision = "auto"  # mixed precision on CUDA: bf16, or fp16 with a gradient scaler
-    channels_last: bool | None = None  # NHWC memory layout (faster convolutions on tensor cores); None: auto
+    # speed ("auto": bf16 + channels_last where the hardware computes bf16, fp16 on older GPUs, else fp32)
+    precision: Precision = "auto"  # autocast: bf16, or fp16 with a gradient scaler (train.resolve_precision)
+    channels_last: bool | None = None  # NHWC memory layout; None: on with CUDA or with bf16 on a CPU
     compile: bool = False  # torch.compile the model (minutes of compiling; pays off for long GPU runs)
     # bookkeeping
     checkpoint_every: int = 1  # epochs between checkpoints when fit has a checkpoint_dir
@@ -108,7 +108,7 @@ class TrainConfig:
 
 def config_from_profile(profile: Any, **overrides: Any) -> TrainConfig:
     """The recipe of a :class:`resnet_lessons.profiles.Profile`: SGD with Nesterov and a one-cycle schedule
-    at the profile's model, epochs, batch size, peak lr, weight decay and label smoothing."""
+    at the profile's model, epochs, batch size, peak lr, weight decay, label smoothing and precision."""
     values = dict(
         model=profile.model,
         model_options=dict(profile.model_options),
@@ -117,6 +117,7 @@ def config_from_profile(profile: Any, **overrides: Any) -> TrainConfig:
         lr=profile.lr,
         weight_decay=profile.weight_decay,
         label_smoothing=profile.label_smoothing,
+        precision=profile.precision,
         eval_batch_size=profile.eval_batch_size,
         seed=profile.seed,
         quiet=profile.quiet,

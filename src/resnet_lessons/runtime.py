@@ -42,6 +42,18 @@ def cpu_threads(requested: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: CUDA from Ampere on; a CPU with AVX512-BF16 or AMX
+    (recent Xeons, AMD Zen 4 and newer). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        cpu = torch.cpu  # private probes, present since torch 2.1; a missing one means "not known"
+        return any(bool(getattr(cpu, probe, lambda: False)()) for probe in
+                   ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
 def describe_device(device: torch.device) -> str:
     """A short human description: the GPU's name, or the CPU with its thread count."""
     if device.type == "cuda":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoints, distributed
+from . import checkpoints, distributed, runtime
 from .optim import TrainConfig, config_from_profile, lr_at, make_optimizer, schedule_curve
 
 CHECKPOINT_NAME = "checkpoint.pt"  # the resumable checkpoint that fit writes into checkpoint_dir
@@ -113,13 +113,19 @@ class FitResult:
 # --- the loop -------------------------------------------------------------------------------------
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What ``"auto"`` means on ``device``: bf16 where it is computed natively (Ampere+ GPUs; CPUs with
+    AVX512-BF16 or AMX, where it measured 2x faster than fp32 for ResNets), fp16 with a scaler on older GPUs
+    such as Colab's T4, fp32 on other CPUs. Other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    if runtime.native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
 def _autocast(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.dtype | None]:
-    precision = cfg.precision
-    if precision == "auto":
-        if device.type != "cuda":
-            precision = "fp32"
-        else:  # native bf16 (Ampere and newer); fp16 with a scaler on older GPUs such as Colab's T4
-            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    precision = resolve_precision(cfg.precision, device)
     if precision == "fp32":
         return contextlib.nullcontext, None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -233,7 +239,9 @@ def fit(
     device = torch.device(device)
     world = distributed.world()
     hooks = _hooks(hooks)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.channels_last
+    if channels_last is None:  # NHWC: tensor cores want it; on a CPU it pays with bf16 (oneDNN's fast kernels)
+        channels_last = device.type == "cuda" or resolve_precision(cfg.precision, device) == "bf16"
     train_loader, val_loader = _loaders(data, cfg, device, channels_last, world, sample_weights)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -317,7 +325,7 @@ def fit(
     if _call(hooks, "on_fit_start", _plan(cfg, steps_per_epoch, total_steps, planned_epochs, world)):
         planned_epochs = epoch
     epoch_bar = tqdm(total=planned_epochs, initial=epoch, desc="epochs", unit="epoch", disable=quiet)
-    stopped, probe_start = "completed", None
+    stopped, probe_start, probe_step = "completed", None, None
     check_every = 1 if device.type == "cpu" else 25
     last_lr = lr_at(step, total_steps or 1, cfg)
     while epoch < planned_epochs:
@@ -365,7 +373,11 @@ def fit(
                     probe_start = now
                 elif step > 2 and (step == 2 + cfg.budget_probe_steps or (  # ranks must agree: only count steps under DDP
                         not world.distributed and now - probe_start > 0.05 * cfg.budget_seconds)):
-                    total_steps = _plan_budget(cfg, started, probe_start, step, steps_per_epoch, val_loader, device)
+                    step_seconds = _step_seconds(probe_start, step - 2, device)
+                    per_image = step_seconds / max(1, cfg.batch_size // world.world_size)
+                    eval_seconds = 0.5 * per_image * _loader_images(val_loader)  # a guess until an epoch is timed
+                    total_steps = _plan_budget(cfg, started, step, steps_per_epoch, step_seconds, eval_seconds)
+                    probe_start, probe_step = time.perf_counter(), step  # the re-plan times the steps after this
                     planned_epochs = -(-total_steps // steps_per_epoch)
                     epoch_bar.total = planned_epochs
                     epoch_bar.refresh()
@@ -373,6 +385,7 @@ def fit(
                 stopped = "over_budget"  # the machine got slower than measured: stop rather than overrun
                 break
         step_bar.close()
+        train_end = time.perf_counter()
         if bool(distributed.all_reduce_max(bad.float()) > 0):
             _diverged(epoch, steps_per_epoch - 1, step, last_lr, checkpoint_path)
         sums = distributed.all_reduce_sum(sums).cpu()
@@ -393,6 +406,15 @@ def fit(
                 best_score, best_epoch = score, epoch
                 if cfg.patience is not None and cfg.restore_best:
                     best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        if (cfg.budget_seconds and epoch == 1 and probe_step is not None and step > probe_step
+                and step < total_steps and stopped == "completed"):
+            # Re-plan once with what the first epoch measured: the step time since the plan (the probe's steps
+            # run slower: a cold start) and the real cost of a validation pass, instead of the probe's guesses.
+            step_seconds = _step_seconds(probe_start, step - probe_step, device, now=train_end)
+            eval_seconds = float(distributed.all_reduce_max(torch.tensor([time.perf_counter() - train_end]))[0])
+            total_steps = _plan_budget(cfg, started, step, steps_per_epoch, step_seconds, eval_seconds)
+            planned_epochs = -(-total_steps // steps_per_epoch)
+            epoch_bar.total = planned_epochs
         row["images_seen"] = images_seen
         row["seconds"] = time.perf_counter() - epoch_start
         row["elapsed"] = time.perf_counter() - started
@@ -447,25 +469,28 @@ def _plan(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None, epoch
     }
 
 
+def _step_seconds(since: float, steps: int, device: torch.device, now: float | None = None) -> float:
+    """Seconds per training step over the ``steps`` steps taken since ``since`` (the slowest process counts)."""
+    if now is None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+    return float(distributed.all_reduce_max(torch.tensor([(now - since) / max(1, steps)]))[0])
+
+
 def _plan_budget(
-    cfg: TrainConfig, started: float, probe_start: float, step: int, steps_per_epoch: int, val_loader: Any,
-    device: torch.device,
+    cfg: TrainConfig, started: float, step: int, steps_per_epoch: int, step_seconds: float, eval_seconds: float,
 ) -> int:
     """Fix the number of steps so that the fit ends within ``cfg.budget_seconds``.
 
-    Step time comes from the timed steps after the first two (the slowest process counts); each epoch also pays one
-    pass over its validation shard, estimated at 1/2 of a training step per image (a forward pass is
-    about 1/3 of forward + backward; the rest is margin). 3% of the budget is kept in reserve.
+    ``step_seconds``: one training step; ``eval_seconds``: the validation pass that ends each epoch. The
+    first plan guesses the latter at 1/2 of a training step per validation image (a forward pass is about
+    1/3 of forward + backward; the rest is margin); after the first epoch both are measured and the plan is
+    made again. 3% of the budget is kept in reserve.
     """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    now = time.perf_counter()
-    step_seconds = float(distributed.all_reduce_max(torch.tensor([(now - probe_start) / (step - 2)]))[0])
-    remaining = 0.97 * cfg.budget_seconds - (now - started)
-    per_image = step_seconds / max(1, cfg.batch_size // distributed.world().world_size)
-    per_epoch_extra = 0.5 * per_image * _loader_images(val_loader)
-    # steps s with (s / steps_per_epoch + 1) * per_epoch_extra + s * step_seconds <= remaining
-    more = (remaining - per_epoch_extra) / (step_seconds + per_epoch_extra / steps_per_epoch)
+    remaining = 0.97 * cfg.budget_seconds - (time.perf_counter() - started)
+    # steps s with (s / steps_per_epoch + 1) * eval_seconds + s * step_seconds <= remaining
+    more = (remaining - eval_seconds) / (step_seconds + eval_seconds / steps_per_epoch)
     return max(step, step + int(more))
 
 
@@ -521,5 +546,6 @@ __all__ = [
     "lr_at",
     "make_optimizer",
     "replace",
+    "resolve_precision",
     "schedule_curve",
 ]
