@@ -4,10 +4,11 @@
     .venv/bin/python bench/throughput.py --no-compile    # without torch.compile (slow to compile on a CPU)
     .venv/bin/python bench/throughput.py --smoke --out /tmp/t.json   # seconds: the test's configuration
 
-Models: resnet8, resnet20, resnet56 and ResNet-18 with the CIFAR stem (at a quarter of its width on the
-CPU, full width on a GPU: ``--resnet18-width``). For each model, one speed feature at a time against the
+Models: resnet8, resnet20, resnet56, ResNet-18 with the CIFAR stem (at a quarter of its width on the
+CPU, full width on a GPU: ``--resnet18-width``) and ResNet-9 at half width (the cpu profile's network). For each model, one speed feature at a time against the
 plain baseline (fp32, NCHW, eager): channels_last, bf16 autocast, fp16 autocast (GPU only), torch.compile,
-and all that help together. For one model (``--focus``: resnet20 on the CPU, resnet18 on a GPU): batch
+and all that help together (channels_last + bf16 also on a CPU with bf16 in hardware). For one model
+(``--focus``: resnet9 on the CPU, resnet18 on a GPU): batch
 sizes 64/128/256/512, the torchvision DataLoader (0 and 2 workers) instead of the DeviceLoader feeding the
 same model, and torch's CPU thread count (CPU only). Each configuration runs in a fresh process, so peak
 memory is its own (CUDA ``max_memory_allocated``; on the CPU the peak resident set from ``getrusage``) and
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 import common
+from resnet_lessons import runtime
 
 FEATURES = {  # setting -> (channels_last, precision, compile)
     "baseline": (False, "fp32", False),
@@ -37,23 +39,27 @@ FEATURES = {  # setting -> (channels_last, precision, compile)
     "compile": (False, "fp32", True),
     "channels_last+bf16+compile": (True, "bf16", True),
 }
-MODELS = ("resnet8", "resnet20", "resnet56", "resnet18")
+MODELS = ("resnet8", "resnet20", "resnet56", "resnet18", "resnet9")
 TIMEOUT_S = 900  # one configuration; a hung one is recorded as failed
 
 
 def model_options(name: str, resnet18_width: float) -> dict:
+    if name == "resnet9":
+        return {"width": 0.5}  # the cpu profile's network
     return {"stem": "cifar", "width": resnet18_width} if name == "resnet18" else {}
 
 
 def plan(args: argparse.Namespace, device: torch.device, threads: int) -> list[dict]:
     """Every configuration of the run, each with the id of the row it is compared against."""
     cuda = device.type == "cuda"
-    features = ["baseline", "channels_last", "bf16"] + (["fp16", "channels_last+bf16"] if cuda else [])
+    fast_bf16 = runtime.native_bf16(device)  # bf16 in hardware: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX
+    features = ["baseline", "channels_last", "bf16"] + (["fp16"] if cuda else [])
+    features += ["channels_last+bf16"] if cuda or fast_bf16 else []
     if args.compile:
         features += ["compile", "channels_last+bf16+compile"] if cuda else ["compile"]
     if args.features:
         features = [f for f in args.features if args.compile or not FEATURES[f][2]]
-    sweep_base = "channels_last+bf16" if cuda else "baseline"  # the sweeps vary one thing from here
+    sweep_base = "channels_last+bf16" if cuda or fast_bf16 else "baseline"  # the sweeps vary one thing from here
     rows = []
 
     def add(model, group, setting, compare_to, **overrides):
@@ -87,7 +93,7 @@ def plan(args: argparse.Namespace, device: torch.device, threads: int) -> list[d
 
 def run_one(config: dict) -> dict:
     """Measure one configuration in this process (the worker's side)."""
-    from resnet_lessons import runtime, speed
+    from resnet_lessons import speed
     from resnet_lessons.models import build_model, count_flops
 
     torch.set_num_threads(config["threads"])
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--features", nargs="+", default=None, choices=list(FEATURES),
                         help="the settings measured per model (default: all that apply to the device)")
     parser.add_argument("--focus", default=None, choices=MODELS,
-                        help="the model of the batch, loader and thread sweeps (resnet20 on a CPU, resnet18 on a GPU)")
+                        help="the model of the batch, loader and thread sweeps (resnet9 on a CPU, resnet18 on a GPU)")
     parser.add_argument("--resnet18-width", type=float, default=None,
                         help="width multiplier of ResNet-18 (default: 0.25 on a CPU, 1 on a GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch of the feature rows (128 CPU, 512 GPU)")
@@ -155,15 +161,13 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(json.loads(args.worker))))
         return 0
 
-    from resnet_lessons import runtime
-
     device = runtime.pick_device(args.device or ("cpu" if args.smoke else None))
     cuda = device.type == "cuda"
     if args.smoke:
         args.models, args.focus, args.resnet18_width, args.batch_size = ["resnet8"], "resnet8", 0.25, 32
         args.batch_sizes, args.workers, args.threads, args.steps, args.warmup = [16], [0], [1], 1, 1
         args.compile, args.in_process = False, True
-    args.focus = args.focus or ("resnet18" if cuda else "resnet20")
+    args.focus = args.focus or ("resnet18" if cuda else "resnet9")
     args.resnet18_width = args.resnet18_width or (1.0 if cuda else 0.25)
     args.batch_size = args.batch_size or (512 if cuda else 128)
     args.steps = args.steps or (30 if cuda else 5)

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 
 import torch
 import torchvision
@@ -51,9 +52,9 @@ LABEL = "JPEG copy of CIFAR-10, validation"
 CPU_RECIPE = config_from_profile(get_profile("cpu"), quiet=True)
 
 
-def run_cpu_recipe(data, budget: float, seed: int) -> dict:
+def run_cpu_recipe(data, budget: float, seed: int, recipe=CPU_RECIPE) -> dict:
     runtime.seed_everything(seed)
-    cfg = replace(CPU_RECIPE, budget_seconds=budget, seed=seed)
+    cfg = replace(recipe, budget_seconds=budget, seed=seed)
     model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_options)
     result = fit(model, data, cfg, device="cpu")
     history = result.history
@@ -113,10 +114,24 @@ def main(argv=None) -> int:
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=JSON",
+                        help="probe a variant of the CPU recipe: TrainConfig fields with JSON values, e.g. "
+                             "model='\"resnet20\"' model_options='{}' (write to another --out)")
     parser.add_argument("--out", default=str(common.RESULTS / "time_to_accuracy.json"))
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.budgets):
         parser.error("every budget must be more than 0 seconds")
+    changes = {}
+    for item in args.set:
+        field, equals, value = item.partition("=")
+        try:
+            changes[field] = json.loads(value) if equals else parser.error(f"--set {item!r}: expected FIELD=JSON")
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: {value!r} is not JSON (a string needs its quotes: '\"resnet20\"')")
+    try:
+        cpu_recipe = replace(CPU_RECIPE, **changes)
+    except (TypeError, ValueError) as error:  # an unknown field, or a value TrainConfig refuses
+        parser.error(f"--set: {error}")
 
     threads = runtime.cpu_threads(args.threads)
     load_start = time.perf_counter()
@@ -126,11 +141,11 @@ def main(argv=None) -> int:
     load_average_start = os.getloadavg()
     results = []
     for budget in args.budgets:
-        for recipe in args.recipes:
-            run = run_cpu_recipe if recipe == "cpu" else run_article_recipe
-            row = {"recipe": recipe, "budget_s": budget, **run(data, budget, args.seed)}
+        for name in args.recipes:
+            run = partial(run_cpu_recipe, recipe=cpu_recipe) if name == "cpu" else run_article_recipe
+            row = {"recipe": name, "budget_s": budget, **run(data, budget, args.seed)}
             results.append(row)
-            print(f"{recipe:8s} {budget:6.0f} s  val accuracy {row['val_accuracy']:.4f}  "
+            print(f"{name:8s} {budget:6.0f} s  val accuracy {row['val_accuracy']:.4f}  "
                   f"images {row['images_seen']:9,d} ({row['epochs']:.1f} epochs, {row['seconds']:.0f} s)",
                   flush=True)
 
@@ -157,8 +172,9 @@ def main(argv=None) -> int:
         "val_images": len(data.val),
         "results": results,
         "summary": summary,
-        "cpu_recipe": json.loads(json.dumps(asdict(CPU_RECIPE))),
-        "cpu_recipe_precision": resolve_precision(CPU_RECIPE.precision, torch.device("cpu")),
+        "cpu_recipe": json.loads(json.dumps(asdict(cpu_recipe))),
+        "cpu_recipe_changes": args.set,  # empty: the cpu profile's recipe as it is
+        "cpu_recipe_precision": resolve_precision(cpu_recipe.precision, torch.device("cpu")),
         **common.record(__file__, argv),  # hardware, versions, date, command
     }
     report["hardware"].update({"torch_threads": threads, "logical_cpus": os.cpu_count(),

@@ -99,6 +99,19 @@ def test_time_to_accuracy_small(tmp_path):
     assert all(0 <= r["val_accuracy"] <= 1 for r in result["results"])
 
 
+@pytest.mark.slow
+def test_time_to_accuracy_probes_a_recipe_variant_and_refuses_bad_ones(tmp_path):
+    out = tmp_path / "probe.json"
+    run_bench("time_to_accuracy.py", "--data", "synthetic", "--budgets", "3", "--val-per-class", "10",
+              "--recipes", "cpu", "--set", 'model="resnet8"', "model_options={}", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["cpu_recipe"]["model"] == "resnet8" and result["cpu_recipe_changes"] == ['model="resnet8"', "model_options={}"]
+    for bad, message in [("model=resnet8", "is not JSON"), ("depth=3", "unexpected keyword"), ("lr", "FIELD=JSON")]:
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), "--set", bad, "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr
+
+
 def test_flip_tta_matches_a_hand_computation():
     torch.manual_seed(0)
     model = build_model("resnet8", width=0.25).eval()
@@ -136,3 +149,20 @@ def test_a_smoke_result_is_not_a_measurement(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "results_dirs", lambda: [tmp_path])
     assert speed.find_result("throughput") == (None, None)
     assert speed.find_result("gpu_speedrun") == ({"smoke": False, "runs": []}, tmp_path / "gpu_speedrun.json")
+
+
+def readme_rows(result: dict) -> list[str]:
+    """The README's time-to-accuracy table rows, as written from ``bench/results/time_to_accuracy.json``."""
+    runs = {(r["recipe"], r["budget_s"]): r for r in result["results"]}
+    return [f"| {budget:.0f} s | {runs['cpu', budget]['val_accuracy']:.3f} ({runs['cpu', budget]['epochs']:.1f} epochs) "
+            f"| {runs['article', budget]['val_accuracy']:.3f} ({runs['article', budget]['epochs']:.1f} epochs) |"
+            for budget in sorted({b for _, b in runs})]
+
+
+def test_the_readme_states_the_time_to_accuracy_that_was_measured():
+    result, path = speed.find_result("time_to_accuracy")
+    assert result is not None, "bench/results/time_to_accuracy.json is part of the repository"
+    readme = (ROOT / "README.md").read_text()
+    for row in readme_rows(result):
+        assert row in readme, f"README.md does not state {row!r} from {path}"
+

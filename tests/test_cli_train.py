@@ -96,6 +96,19 @@ def test_usage_errors_exit_2(capsys, tmp_path, folder):
     assert "--data" in capsys.readouterr().err
 
 
+def test_train_per_class_keeps_that_many_images_and_refuses_nonsense(capsys, tmp_path, folder):
+    code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "a", "--profile", "smoke",
+                           "--epochs", "1", "--train-per-class", "40")
+    assert code == 0 and "(80 images, smoke profile)" in err
+    assert checkpoints.load(tmp_path / "a" / "model.pt").extra["data"]["train_per_class"] == 40
+    code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "b", "--profile", "smoke",
+                           "--epochs", "1", "--train-per-class", "all")
+    assert code == 0 and "(200 images, smoke profile)" in err  # 150 per class, 50 of them held out
+    for bad in ("0", "-2", "lots"):
+        code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / bad, "--train-per-class", bad)
+        assert code == 1 and f"--train-per-class must be a positive whole number or 'all', got '{bad}'" in err
+
+
 @pytest.mark.parametrize("budget", ["0", "-3"])
 def test_a_budget_of_zero_or_less_is_refused(capsys, tmp_path, folder, budget):
     code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "o", "--budget-seconds", budget)

@@ -80,14 +80,16 @@ def test_grad_cam_matches_its_definition_and_cleans_up() -> None:
         explain.grad_cam(model, x, "layer9")
 
 
-@pytest.mark.parametrize(("name", "options", "side"), [("resnet20", {}, 8), ("resnet18", {"stem": "cifar", "width": 0.25}, 4)])
-def test_grad_cam_resolution_of_each_resnet_stage(name: str, options: dict, side: int) -> None:
+@pytest.mark.parametrize(("name", "options", "side", "side2"), [
+    ("resnet20", {}, 8, 16), ("resnet18", {"stem": "cifar", "width": 0.25}, 4, 16), ("resnet9", {"width": 0.25}, 4, 8),
+])
+def test_grad_cam_resolution_of_each_resnet_stage(name: str, options: dict, side: int, side2: int) -> None:
     torch.manual_seed(0)
     model = build_model(name, **options).train()
     x = torch.randn(2, 3, 32, 32)
     last = model.stage_names[-1]
     assert explain.grad_cam(model, x, last).shape == (2, side, side)
-    assert explain.grad_cam(model, x, "layer2").shape == (2, 16, 16)  # the cifar stem keeps 32x32 in layer1
+    assert explain.grad_cam(model, x, "layer2").shape == (2, side2, side2)  # ResNet-9 pools in every stage
     assert model.training  # the mode it had is given back
     maps = explain.feature_maps(model, x)
     assert list(maps) == model.stage_names

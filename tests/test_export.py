@@ -176,6 +176,24 @@ def test_static_int8_quantisation_runs_shrinks_and_stays_close(model, images, st
     assert torch.equal(_reference(model, images[0][:4], stats), _reference(model, images[0][:4], stats))  # untouched
 
 
+def test_resnet9_the_cpu_profile_network_exports_and_quantises(tmp_path, images, stats):
+    torch.manual_seed(0)
+    net = build_model("resnet9", width=0.25).train()
+    with torch.no_grad():
+        for start in range(0, 400, 100):
+            net(normalise(images[0][start : start + 100], *stats))  # real BatchNorm statistics
+    net.eval()
+    card = export.ModelCard(model_name="resnet9", classes=CLASSES, mean=stats[0], std=stats[1], input_size=(3, 32, 32))
+    for fmt in ("onnx", "torchscript"):
+        result = export.export_model(net, tmp_path / f"m.{fmt}", format=fmt, card=card, images=images[0][:32])
+        assert result.comparison.ok and result.path.exists()  # export_model raises when the file does not match
+    quantised = export.quantize_static(net, images[0][:128], mean=stats[0], std=stats[1], batches=2)
+    x = normalise(images[0][200:300], *stats)
+    with torch.no_grad():
+        expected, got = net(x), quantised(x)
+    assert (got - expected).abs().max() < 0.15 * expected.abs().max()
+
+
 def test_dynamic_quantisation_replaces_only_the_linear_layer(model, images, stats):
     quantised = export.quantize_dynamic(model)
     assert type(quantised.fc).__name__ == "Linear" and "dynamic" in type(quantised.fc).__module__

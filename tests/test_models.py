@@ -181,3 +181,33 @@ def test_bad_input_errors() -> None:
     with pytest.raises(ValueError, match="16x16 is too small for resnet18 with the imagenet stem.*32x32.*cifar"):
         build_model("resnet18")(torch.randn(2, 3, 16, 16))
     assert build_model("resnet18", stem="cifar")(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_resnet9_parameters_and_flops_by_hand() -> None:
+    # Page's ResNet-9: 3x3 convs 3->64 (stem), 64->128, two 128->128 (block), 128->256, 256->512, two
+    # 512->512 (block); a BatchNorm (2 parameters per channel) after each; a bias-free 512->10 fc.
+    convs = [(3, 64, 32), (64, 128, 32), (128, 128, 16), (128, 128, 16), (128, 256, 16), (256, 512, 8),
+             (512, 512, 4), (512, 512, 4)]  # (in, out, resolution the conv runs at: it pools after)
+    params = sum(9 * i * o + 2 * o for i, o, _ in convs) + 512 * 10
+    assert params == 6_573_120  # the 6.57M usually quoted for it
+    assert count_parameters(build_model("resnet9")) == params
+    macs = sum(9 * i * o * r * r for i, o, r in convs) + 512 * 10
+    assert count_flops(build_model("resnet9")) == 2 * macs
+
+
+def test_resnet9_shapes_blocks_and_logit_scale() -> None:
+    model = build_model("resnet9", width=0.5, num_classes=7)
+    table = shape_trace(model)
+    assert list(table["stage"]) == ["input", "stem", "layer1", "layer2", "layer3", "pool", "fc"]
+    assert list(table["size"])[1:5] == ["32x32", "16x16", "8x8", "4x4"]
+    assert list(table["channels"])[1:6] == [32, 64, 128, 256, 256]
+    assert [type(m) for m in model.modules() if isinstance(m, BasicBlock)] == [BasicBlock, BasicBlock]
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(model(x), model.fc(model.features(x)) / 8)
+    assert model.features(x).shape == (3, model.num_features) == (3, 256)
+    assert [name for name, _ in model.named_children() if name.startswith("layer")] == model.stage_names
+    with pytest.raises(ValueError, match="4x4 is too small for resnet9.*8x8"):
+        model(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="no option 'stem'"):
+        build_model("resnet9", stem="cifar")

@@ -98,6 +98,28 @@ def test_config_from_profile_takes_the_profile_recipe():
     assert (cfg.label_smoothing, cfg.seed, cfg.epochs, cfg.optimizer, cfg.schedule) == (profile.label_smoothing, profile.seed, 2, "sgd", "onecycle")
     with pytest.raises(TypeError, match="no field"):
         config_from_profile(profile, epoch=3)
+    assert (cfg.precision, config_from_profile(get_profile("smoke")).precision) == ("auto", "fp32")
+
+
+@pytest.mark.parametrize("device, native, expected", [
+    ("cpu", True, "bf16"), ("cpu", False, "fp32"), ("cuda", True, "bf16"), ("cuda", False, "fp16"),
+])
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch, device, native, expected):
+    import resnet_lessons.train as train_module
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda d: native)
+    assert train_module.resolve_precision("auto", torch.device(device)) == expected
+    assert train_module.resolve_precision("fp32", torch.device(device)) == "fp32"
+
+
+def test_native_bf16_reads_the_cpu_probes(monkeypatch):
+    for avx512_bf16, amx, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert runtime.native_bf16(torch.device("cpu")) is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runtime.native_bf16(torch.device("cpu")) is False  # an older torch without the probes: fp32
 
 
 @pytest.mark.parametrize("budget", [0, -5.0])
@@ -187,8 +209,8 @@ def test_budget_run_plans_its_steps_to_end_within_the_budget(monkeypatch):
     assert result.history["lr"].iloc[-1] == pytest.approx(lr_at(result.total_steps - 1, result.total_steps, cfg))
 
 
-def test_budget_run_replans_after_its_first_epoch(monkeypatch):
-    """The probe's first steps are slow (a cold start); the plan made after epoch 1 uses the budget left."""
+def test_budget_run_replans_after_each_epoch(monkeypatch):
+    """The probe's first steps are slow (a cold start); the plans made after each epoch use the budget left."""
     import resnet_lessons.train as train_module
 
     plans, now = [], [0.0]
@@ -198,13 +220,42 @@ def test_budget_run_replans_after_its_first_epoch(monkeypatch):
         return now[0]
 
     monkeypatch.setattr(train_module.time, "perf_counter", clock)
-    cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=4.0, budget_probe_steps=3)  # 18 steps per epoch
+    cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=10.0, budget_probe_steps=3)  # 18 steps per epoch
     real_plan = train_module._plan_budget
     monkeypatch.setattr(train_module, "_plan_budget", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     result = fit(tiny_model(), DATA, cfg, device="cpu")
-    assert len(plans) == 2 and plans[1] > 1.5 * plans[0]  # the first epoch showed that many more steps fit
-    assert result.stopped == "budget" and result.steps == result.total_steps == plans[1]
-    assert 0.6 * cfg.budget_seconds <= result.seconds <= cfg.budget_seconds
+    assert len(plans) == len(result.history) and plans[1] > 1.5 * plans[0]  # epoch 1 showed that many more fit
+    assert result.stopped == "budget" and result.steps == result.total_steps == plans[-1]
+    assert 0.85 * cfg.budget_seconds <= result.seconds <= cfg.budget_seconds
+
+
+def test_budget_run_that_slows_down_still_ends_within_its_budget(monkeypatch):
+    """After the plan made at the end of epoch 1, every step costs 5x what was measured."""
+    import resnet_lessons.train as train_module
+
+    plans, now = [], [0.0]
+
+    def clock():
+        now[0] += 0.01 if len(plans) < 2 else 0.05
+        return now[0]
+
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    real_plan = train_module._plan_budget
+    monkeypatch.setattr(train_module, "_plan_budget", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=10.0, budget_probe_steps=3)
+    result = fit(tiny_model(), DATA, cfg, device="cpu")
+    assert len(plans) >= 3 and plans[-1] < plans[1]  # the slow epoch made the plan shrink
+    assert result.stopped in ("budget", "over_budget") and result.seconds <= cfg.budget_seconds
+
+
+def test_the_deadline_guard_scales_the_remaining_work_by_the_slowdown_of_the_last_step(monkeypatch):
+    import resnet_lessons.train as train_module
+
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: 9.5)
+    # planned: 0.1 s per step, 0.2 s for the last validation; budget 10 s, started at 0
+    assert not train_module._past_deadline(10.0, 0.0, 9.4, 0.1, 0.2)  # on plan: 9.5 + 0.3 fits
+    assert train_module._past_deadline(10.0, 0.0, 9.0, 0.1, 0.2)  # the step took 0.5 s: 9.5 + 5 * 0.3 does not
+    assert not train_module._past_deadline(10.0, 0.0, 9.0, 0.0, 0.0)  # before any plan only an overrun stops
 
 
 def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path):
@@ -369,3 +420,10 @@ def test_a_training_split_smaller_than_one_batch_is_named():
     small = DataSplits(DATA.source, {"train": DATA.train.subset(torch.arange(7)), "val": DATA.val}, DATA.mean, DATA.std)
     with pytest.raises(ValueError, match=r"training split has 7 images, fewer than one batch \(batch_size 30\)"):
         fit(tiny_model(), small, CFG, device="cpu")
+
+
+def test_bf16_autocast_on_the_cpu_trains_and_keeps_fp32_weights():
+    model = tiny_model()
+    result = fit(model, DATA, replace(CFG, precision="bf16"), device="cpu")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]

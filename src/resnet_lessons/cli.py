@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -46,6 +47,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="wall-clock budget: the schedule is planned to end within S seconds")
     p.add_argument("--seed", type=int, metavar="K", help="seed for splits, initialisation and shuffling")
     p.add_argument("--profile", metavar="P", help="smoke, cpu or gpu (default: RESNET_LESSONS_PROFILE, else by hardware)")
+    p.add_argument("--train-per-class", metavar="N|all",
+                   help="training images kept per class (default: the profile's; the cpu profile keeps 1000)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.set_defaults(handler=_run_train)
@@ -59,6 +62,14 @@ def _train_settings(args: argparse.Namespace):  # -> (Profile, source)
         return profile, check_source(args.data)
     except SettingsError as error:
         raise CommandError(str(error)) from None
+
+
+def _per_class(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise CommandError(f"--train-per-class must be a positive whole number or 'all', got {text!r}")
+    return int(text)
 
 
 def _load_data(source: str, profile, seed: int, image_size: int = 32):  # -> DataSplits
@@ -97,6 +108,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.budget_seconds is not None and not args.budget_seconds > 0:
         raise CommandError(f"--budget-seconds must be more than 0, got {args.budget_seconds:g}")
     profile, source = _train_settings(args)
+    if args.train_per_class is not None:
+        profile = replace(profile, train_per_class=_per_class(args.train_per_class))
     out = _check_out(args.out, resume=args.resume)
     _create_out(out)
 

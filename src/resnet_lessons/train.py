@@ -7,7 +7,8 @@ backward, clip, step; then evaluate on the validation split, record a history ro
 maybe stop early, write a checkpoint. Three things make it trustworthy:
 
 * the schedule is a pure function of the step (:func:`resnet_lessons.optim.lr_at`), so resuming a run is exact;
-* a ``budget_seconds`` run times its first steps, then fixes the number of steps so it ends in time;
+* a ``budget_seconds`` run times its first steps, then fixes the number of steps so it ends in time, and
+  corrects that number after every epoch with the measured cost of its steps and of its validation pass;
 * a NaN or infinite loss stops the run with a message, and the last good checkpoint is kept.
 
 The loop knows nothing of notebooks or plots: chapters watch it through hooks.
@@ -326,6 +327,7 @@ def fit(
         planned_epochs = epoch
     epoch_bar = tqdm(total=planned_epochs, initial=epoch, desc="epochs", unit="epoch", disable=quiet)
     stopped, probe_start, probe_step = "completed", None, None
+    step_seconds = eval_seconds = 0.0  # a budget run's measured costs; until its plan, only an overrun stops it
     check_every = 1 if device.type == "cpu" else 25
     last_lr = lr_at(step, total_steps or 1, cfg)
     while epoch < planned_epochs:
@@ -338,6 +340,7 @@ def fit(
         for batch_index, (x, y) in enumerate(train_loader):
             if total_steps is not None and step >= total_steps:
                 break
+            step_start = time.perf_counter()
             # A budget run uses a provisional plan (the epochs of cfg) until its step time is known.
             last_lr = lr_at(step, total_steps or cfg.epochs * steps_per_epoch, cfg)
             for group in optimizer.param_groups:
@@ -377,12 +380,13 @@ def fit(
                     per_image = step_seconds / max(1, cfg.batch_size // world.world_size)
                     eval_seconds = 0.5 * per_image * _loader_images(val_loader)  # a guess until an epoch is timed
                     total_steps = _plan_budget(cfg, started, step, steps_per_epoch, step_seconds, eval_seconds)
-                    probe_start, probe_step = time.perf_counter(), step  # the re-plan times the steps after this
+                    probe_start, probe_step = time.perf_counter(), step  # each re-plan times the steps after this
                     planned_epochs = -(-total_steps // steps_per_epoch)
                     epoch_bar.total = planned_epochs
                     epoch_bar.refresh()
-            if cfg.budget_seconds and time.perf_counter() - started > cfg.budget_seconds:
-                stopped = "over_budget"  # the machine got slower than measured: stop rather than overrun
+            if cfg.budget_seconds and not world.distributed and _past_deadline(
+                    cfg.budget_seconds, started, step_start, step_seconds, eval_seconds):
+                stopped = "over_budget"
                 break
         step_bar.close()
         train_end = time.perf_counter()
@@ -406,13 +410,15 @@ def fit(
                 best_score, best_epoch = score, epoch
                 if cfg.patience is not None and cfg.restore_best:
                     best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-        if (cfg.budget_seconds and epoch == 1 and probe_step is not None and step > probe_step
-                and step < total_steps and stopped == "completed"):
-            # Re-plan once with what the first epoch measured: the step time since the plan (the probe's steps
-            # run slower: a cold start) and the real cost of a validation pass, instead of the probe's guesses.
+        if (cfg.budget_seconds and probe_step is not None and probe_step < step < total_steps
+                and stopped == "completed"):
+            # Re-plan with what this epoch measured: the step time (the probe's first steps run slower: a cold
+            # start; a busy machine can slow down later) and the real cost of a validation pass. The next
+            # window starts now, so checkpoints and hooks count as part of the steps.
             step_seconds = _step_seconds(probe_start, step - probe_step, device, now=train_end)
             eval_seconds = float(distributed.all_reduce_max(torch.tensor([time.perf_counter() - train_end]))[0])
             total_steps = _plan_budget(cfg, started, step, steps_per_epoch, step_seconds, eval_seconds)
+            probe_start, probe_step = time.perf_counter(), step
             planned_epochs = -(-total_steps // steps_per_epoch)
             epoch_bar.total = planned_epochs
         row["images_seen"] = images_seen
@@ -485,13 +491,22 @@ def _plan_budget(
 
     ``step_seconds``: one training step; ``eval_seconds``: the validation pass that ends each epoch. The
     first plan guesses the latter at 1/2 of a training step per validation image (a forward pass is about
-    1/3 of forward + backward; the rest is margin); after the first epoch both are measured and the plan is
-    made again. 3% of the budget is kept in reserve.
+    1/3 of forward + backward; the rest is margin); after every epoch both are measured on that epoch and the
+    plan is made again. 3% of the budget is kept in reserve.
     """
     remaining = 0.97 * cfg.budget_seconds - (time.perf_counter() - started)
     # steps s with (s / steps_per_epoch + 1) * eval_seconds + s * step_seconds <= remaining
     more = (remaining - eval_seconds) / (step_seconds + eval_seconds / steps_per_epoch)
-    return max(step, step + int(more))
+    return int(distributed.broadcast_object(max(step, step + int(more))))  # rank 0's clock decides for all
+
+
+def _past_deadline(budget: float, started: float, step_start: float, step_seconds: float, eval_seconds: float) -> bool:
+    """Whether a budget run must stop now: the machine got slower than planned, and one more step and the last
+    validation pass (at the slowdown the step just taken showed) would no longer fit. Single process only:
+    under DDP one process stopping alone would leave the others waiting; there the planned steps bound the run."""
+    now = time.perf_counter()
+    slowdown = max(1.0, (now - step_start) / step_seconds) if step_seconds else 1.0
+    return now - started + (step_seconds + eval_seconds) * slowdown > budget
 
 
 def _loader_images(loader: Any) -> int:
