@@ -289,9 +289,10 @@ class ResNet9(nn.Module):
     """ResNet-9 (Page 2018): a 3x3 stem, three stages that each convolve, pool and (the first and last) add a
     residual :class:`BasicBlock`, global max-pool, a bias-free ``fc`` whose logits are scaled by 1/8.
 
-    Only the stem runs at 32x32, so it does about as much work per image as ResNet-20 at a quarter of the
-    width but on wide, fast convolutions. Same interface as :class:`ResNet` (``stages``, ``features``,
-    ``fc``, ``num_features``, ``check_input``); PyTorch's default initialisation, as in Page's runs."""
+    Only the stem runs at 32x32: the work sits in a few wide convolutions at 16x16 and below, which keep a
+    processor's vector units busier than ResNet-20's narrow full-resolution ones. Same interface as
+    :class:`ResNet` (``stages``, ``features``, ``fc``, ``num_features``, ``check_input``); PyTorch's default
+    initialisation, as in Page's runs."""
 
     logit_scale = 0.125  # Page: a smaller output scale lets the high learning rate train the head stably
 

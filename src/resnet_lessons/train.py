@@ -389,9 +389,9 @@ def fit(
                 stopped = "over_budget"
                 break
         step_bar.close()
-        train_end = time.perf_counter()
-        if bool(distributed.all_reduce_max(bad.float()) > 0):
+        if bool(distributed.all_reduce_max(bad.float()) > 0):  # reading it waits for the device: timing is honest
             _diverged(epoch, steps_per_epoch - 1, step, last_lr, checkpoint_path)
+        train_end = time.perf_counter()
         sums = distributed.all_reduce_sum(sums).cpu()
         epoch += 1
         row = {
