@@ -9,7 +9,6 @@ steps that pay for compiling and for the allocator; ``bench/throughput.py`` and 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import sys
@@ -21,16 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from . import runtime
+from .runtime import PRECISIONS
+
 LOADERS = ("device", "dataloader")
-
-
-def autocast_context(precision: str, device: torch.device):  # type: ignore[no-untyped-def]
-    """``torch.autocast`` for bf16/fp16 on ``device``; a no-op context for fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return contextlib.nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -114,7 +107,7 @@ def measure_throughput(
 
     def step() -> torch.Tensor:
         x, y = next(batches)
-        with autocast_context(precision, device):
+        with runtime.autocast(precision, device):
             loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -160,7 +153,7 @@ def flip_tta_accuracy(
             x = images[start : start + batch_size].to(device, non_blocking=True)
             x = x.to(torch.float32, memory_format=fmt) * scale + shift
             y = labels[start : start + batch_size].to(device, non_blocking=True)
-            with autocast_context(precision, device):
+            with runtime.autocast(precision, device):
                 logits = model(x).float()
                 mirrored = model(torch.flip(x, dims=(3,))).float()
             correct[0] += (logits.argmax(1) == y).sum()
@@ -201,5 +194,5 @@ def describe_result(result: dict[str, Any] | None) -> str:
     return f"{where}, torch {result.get('versions', {}).get('torch', '?')}, {str(result.get('date', '?'))[:10]}"
 
 
-__all__ = ["autocast_context", "describe_result", "find_result", "flip_tta_accuracy", "measure_throughput",
+__all__ = ["describe_result", "find_result", "flip_tta_accuracy", "measure_throughput",
            "peak_memory_mib", "results_dirs", "synchronize"]

@@ -16,10 +16,10 @@ The loop knows nothing of notebooks or plots: chapters watch it through hooks.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, replace  # replace: derive a config, train.replace(cfg, lr=0.1)
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,6 +30,7 @@ from torch import nn
 
 from . import checkpoints, distributed, runtime
 from .optim import TrainConfig, config_from_profile, lr_at, make_optimizer, schedule_curve
+from .runtime import resolve_precision  # re-exported: what cfg.precision="auto" becomes on a device
 
 CHECKPOINT_NAME = "checkpoint.pt"  # the resumable checkpoint that fit writes into checkpoint_dir
 
@@ -112,25 +113,6 @@ class FitResult:
 
 
 # --- the loop -------------------------------------------------------------------------------------
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """What ``"auto"`` means on ``device``: bf16 where it is computed natively (Ampere+ GPUs; CPUs with
-    AVX512-BF16 or AMX, where it measured 2x faster than fp32 for ResNets), fp16 with a scaler on older GPUs
-    such as Colab's T4, fp32 on other CPUs. Other values are returned as they are."""
-    if precision != "auto":
-        return precision
-    if runtime.native_bf16(device):
-        return "bf16"
-    return "fp16" if device.type == "cuda" else "fp32"
-
-
-def _autocast(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.dtype | None]:
-    precision = resolve_precision(cfg.precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype
 
 
 def _better(score: float, best: float | None, monitor: str) -> bool:
@@ -240,9 +222,10 @@ def fit(
     device = torch.device(device)
     world = distributed.world()
     hooks = _hooks(hooks)
+    precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last
     if channels_last is None:  # NHWC: tensor cores want it; on a CPU it pays with bf16 (oneDNN's fast kernels)
-        channels_last = device.type == "cuda" or resolve_precision(cfg.precision, device) == "bf16"
+        channels_last = device.type == "cuda" or precision == "bf16"
     train_loader, val_loader = _loaders(data, cfg, device, channels_last, world, sample_weights)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -250,8 +233,8 @@ def fit(
             f"the training split has {len(data['train'])} images, fewer than one batch (batch_size "
             f"{cfg.batch_size}), so not one step could be taken; lower batch_size or add training images"
         )
-    autocast, amp_dtype = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    autocast = partial(runtime.autocast, precision, device)  # a fresh context per use
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if checkpoint_path is not None and world.is_main:
@@ -326,8 +309,9 @@ def fit(
     if _call(hooks, "on_fit_start", _plan(cfg, steps_per_epoch, total_steps, planned_epochs, world)):
         planned_epochs = epoch
     epoch_bar = tqdm(total=planned_epochs, initial=epoch, desc="epochs", unit="epoch", disable=quiet)
-    stopped, probe_start, probe_step = "completed", None, None
-    step_seconds = eval_seconds = 0.0  # a budget run's measured costs; until its plan, only an overrun stops it
+    stopped = "completed"
+    clock = None if not cfg.budget_seconds else _BudgetClock(cfg, started, steps_per_epoch,
+                                                             _loader_images(val_loader), device)
     check_every = 1 if device.type == "cpu" else 25
     last_lr = lr_at(step, total_steps or 1, cfg)
     while epoch < planned_epochs:
@@ -370,22 +354,12 @@ def fit(
             sums[1] += (logits.detach().argmax(1) == y).sum()
             sums[2] += y.numel()
             step_bar.update()
-            if cfg.budget_seconds and total_steps is None:
-                now = time.perf_counter()
-                if step == 2:
-                    probe_start = now
-                elif step > 2 and (step == 2 + cfg.budget_probe_steps or (  # ranks must agree: only count steps under DDP
-                        not world.distributed and now - probe_start > 0.05 * cfg.budget_seconds)):
-                    step_seconds = _step_seconds(probe_start, step - 2, device)
-                    per_image = step_seconds / max(1, cfg.batch_size // world.world_size)
-                    eval_seconds = 0.5 * per_image * _loader_images(val_loader)  # a guess until an epoch is timed
-                    total_steps = _plan_budget(cfg, started, step, steps_per_epoch, step_seconds, eval_seconds)
-                    probe_start, probe_step = time.perf_counter(), step  # each re-plan times the steps after this
-                    planned_epochs = -(-total_steps // steps_per_epoch)
-                    epoch_bar.total = planned_epochs
+            if clock is not None and total_steps is None:
+                total_steps = clock.probe(step)  # None until the first steps are timed
+                if total_steps is not None:
+                    planned_epochs = epoch_bar.total = -(-total_steps // steps_per_epoch)
                     epoch_bar.refresh()
-            if cfg.budget_seconds and not world.distributed and _past_deadline(
-                    cfg.budget_seconds, started, step_start, step_seconds, eval_seconds):
+            if clock is not None and not world.distributed and clock.past_deadline(step_start):
                 stopped = "over_budget"
                 break
         step_bar.close()
@@ -410,17 +384,10 @@ def fit(
                 best_score, best_epoch = score, epoch
                 if cfg.patience is not None and cfg.restore_best:
                     best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-        if (cfg.budget_seconds and probe_step is not None and probe_step < step < total_steps
-                and stopped == "completed"):
-            # Re-plan with what this epoch measured: the step time (the probe's first steps run slower: a cold
-            # start; a busy machine can slow down later) and the real cost of a validation pass. The next
-            # window starts now, so checkpoints and hooks count as part of the steps.
-            step_seconds = _step_seconds(probe_start, step - probe_step, device, now=train_end)
-            eval_seconds = float(distributed.all_reduce_max(torch.tensor([time.perf_counter() - train_end]))[0])
-            total_steps = _plan_budget(cfg, started, step, steps_per_epoch, step_seconds, eval_seconds)
-            probe_start, probe_step = time.perf_counter(), step
-            planned_epochs = -(-total_steps // steps_per_epoch)
-            epoch_bar.total = planned_epochs
+        if clock is not None and clock.planned_at is not None and clock.planned_at < step < total_steps and (
+                stopped == "completed"):
+            total_steps = clock.replan(step, train_end)
+            planned_epochs = epoch_bar.total = -(-total_steps // steps_per_epoch)
         row["images_seen"] = images_seen
         row["seconds"] = time.perf_counter() - epoch_start
         row["elapsed"] = time.perf_counter() - started
@@ -475,13 +442,53 @@ def _plan(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None, epoch
     }
 
 
-def _step_seconds(since: float, steps: int, device: torch.device, now: float | None = None) -> float:
-    """Seconds per training step over the ``steps`` steps taken since ``since`` (the slowest process counts)."""
-    if now is None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+class _BudgetClock:
+    """The clock of a ``budget_seconds`` run: it times the steps, plans how many fit, plans again after each
+    epoch, and says when the deadline is near. Under DDP the slowest process's times count and rank 0's plan
+    is everyone's."""
+
+    def __init__(self, cfg: TrainConfig, started: float, steps_per_epoch: int, val_images: int,
+                 device: torch.device) -> None:
+        self.cfg, self.started, self.steps_per_epoch, self.device = cfg, started, steps_per_epoch, device
+        self.val_images = val_images
+        self.since = 0.0  # start of the timing window: after step 2 (warm-up), then after each plan
+        self.planned_at: int | None = None  # the step of the last plan
+        self.step_seconds = self.eval_seconds = 0.0  # the costs the last plan used; 0: no plan yet
+
+    def probe(self, step: int) -> int | None:
+        """Call after each step until it returns the planned total number of steps."""
         now = time.perf_counter()
-    return float(distributed.all_reduce_max(torch.tensor([(now - since) / max(1, steps)]))[0])
+        if step == 2:
+            self.since = now
+        elif step > 2 and (step == 2 + self.cfg.budget_probe_steps or (  # ranks must agree: only count under DDP
+                not distributed.world().distributed and now - self.since > 0.05 * self.cfg.budget_seconds)):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            step_seconds = self._slowest((time.perf_counter() - self.since) / (step - 2))
+            per_image = step_seconds / max(1, self.cfg.batch_size // distributed.world().world_size)
+            # A guess until an epoch is timed: a forward pass is ~1/3 of forward + backward; 1/2 leaves a margin.
+            return self._plan(step, step_seconds, 0.5 * per_image * self.val_images)
+        return None
+
+    def replan(self, step: int, train_end: float) -> int:
+        """At an epoch's end (after validation): plan again from the steps since the last plan (the probe's
+        first steps run slower; a busy machine can slow down) and the validation pass just made. Checkpoints
+        and hooks fall in the next window, so they count as part of the steps."""
+        step_seconds = self._slowest((train_end - self.since) / max(1, step - self.planned_at))
+        return self._plan(step, step_seconds, self._slowest(time.perf_counter() - train_end))
+
+    def past_deadline(self, step_start: float) -> bool:
+        return _past_deadline(self.cfg.budget_seconds, self.started, step_start, self.step_seconds, self.eval_seconds)
+
+    def _plan(self, step: int, step_seconds: float, eval_seconds: float) -> int:
+        self.step_seconds, self.eval_seconds = step_seconds, eval_seconds
+        total = _plan_budget(self.cfg, self.started, step, self.steps_per_epoch, step_seconds, eval_seconds)
+        self.since, self.planned_at = time.perf_counter(), step
+        return total
+
+    @staticmethod
+    def _slowest(seconds: float) -> float:
+        return float(distributed.all_reduce_max(torch.tensor([seconds]))[0])
 
 
 def _plan_budget(
@@ -489,10 +496,8 @@ def _plan_budget(
 ) -> int:
     """Fix the number of steps so that the fit ends within ``cfg.budget_seconds``.
 
-    ``step_seconds``: one training step; ``eval_seconds``: the validation pass that ends each epoch. The
-    first plan guesses the latter at 1/2 of a training step per validation image (a forward pass is about
-    1/3 of forward + backward; the rest is margin); after every epoch both are measured on that epoch and the
-    plan is made again. 3% of the budget is kept in reserve.
+    ``step_seconds``: one training step; ``eval_seconds``: the validation pass that ends each epoch (guessed
+    by the first plan, measured by the next: :class:`_BudgetClock`). 3% of the budget is kept in reserve.
     """
     remaining = 0.97 * cfg.budget_seconds - (time.perf_counter() - started)
     # steps s with (s / steps_per_epoch + 1) * eval_seconds + s * step_seconds <= remaining
