@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BOOK_FLAGS ?= -W --keep-going
 
-.PHONY: book test clean
+.PHONY: book test test-browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ book: $(VENV)/.installed-book
 # Unit tests, then every chapter under nbval in the smoke profile (conftest.py sets it).
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
+
+# Only the headless-browser test of the built book (the published edition's workflow runs it after `make book`).
+test-browser: $(VENV)/.installed-test
+	$(PY) -m pytest tests/test_browser.py
 
 clean:
 	rm -rf _build

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 EXECUTED = ROOT / "_build" / "jupyter_execute"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Debian's Chromium (.ci/run installs it), else a Chrome already on the machine (GitHub's runners have one).
+CHROMIUM = next((found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))),
+                "/usr/bin/chromium")
 
 
 def _pages() -> list[str]:
@@ -169,3 +171,40 @@ def test_a_widget_slider_changes_the_view_without_a_kernel(page, site):
     after = page.evaluate("[...document.querySelectorAll('.jupyter-widgets img')].filter(i => i.offsetParent).map(i => i.src.slice(-80)).join()")
     assert view.count() and before and after and before != after
     page.screenshot(path=str(SCREENSHOTS / f"{Path(with_widgets[0]).name}-widget-moved.png"), full_page=False)
+
+
+def _test_build() -> bool:
+    """Whether the build on disk is a test build (smoke profile or synthetic data): book.setup then shows its
+    note on every chapter; the published edition shows none."""
+    return "resnet-lessons-smoke" in (EXECUTED / f"{CHAPTERS[0]}.ipynb").read_text()
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_every_chapter_ends_with_its_own_measured_time(page, site, name):
+    _open(page, site, name)
+    text = page.locator("article").inner_text()
+    assert re.search(r"This chapter ran in \d+ s, within its budget of \d+ s", text), name
+
+
+def test_the_introduction_lists_every_chapters_time_from_this_build(page, site):
+    _open(page, site, PAGES[0])
+    rows = page.locator("article table").last.locator("tbody tr").all_inner_texts()
+    assert len(rows) == len(CHAPTERS), rows
+    assert all(re.search(r"\t\d+ s\t\d+ s$", row) for row in rows), rows
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_the_edition_says_what_it_was_built_on(page, site, name):
+    """A test build says so once per chapter; the real edition shows CIFAR-10, no shapes, no apology."""
+    from resnet_lessons.data.synthetic import SYNTHETIC_CLASSES
+
+    _open(page, site, name)
+    text = page.locator("article").inner_text()
+    notes = page.locator(".resnet-lessons-smoke").count()
+    if _test_build():
+        assert notes == 1, f"{name}: the test-build note is shown {notes} times"
+        return
+    assert notes == 0 and "Not the real CIFAR-10" not in text, name
+    outputs = " ".join(page.locator(".cell_output").all_inner_texts())
+    shapes = [c for c in SYNTHETIC_CLASSES if re.search(rf"\b{c}\b", outputs)]
+    assert not shapes, f"{name}: outputs name the synthetic classes {shapes} in the real edition"

@@ -89,3 +89,36 @@ def test_toc_and_book_folder_agree():
         assert any((ROOT / f"{name}{suffix}").exists() for suffix in (".ipynb", ".md")), f"{name} is missing"
     on_disk = {p.relative_to(ROOT).with_suffix("").as_posix() for p in CHAPTERS}
     assert on_disk <= listed, f"not in _toc.yml: {sorted(on_disk - listed)}"
+
+
+TRAINING_CALLS = ("train.fit(", "finetune.finetune(", "transfer_experiment(", "reference_model(")
+CONFIG_BUILDERS = {"config_from_profile", "finetune_config", "TrainConfig"}
+
+
+def _calls(source: str) -> list[ast.Call]:
+    tree = ast.parse(re.sub(r"^(\s*)[%!].*$", r"\1pass", source, flags=re.M))
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+
+
+def _name(call: ast.Call) -> str:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_training_run_takes_its_time_from_the_chapters_budget(path):
+    """No fixed-epoch training: a chapter's recipes come from session.recipe / session.budget (a share of the
+    profile's chapter budget), or a config builder given budget_seconds; nothing sets epochs."""
+    source = "\n".join(_source(c) for c in _code_cells(path) if "exercise" not in c.get("metadata", {}).get("tags", []))
+    for call in _calls(source):
+        keywords = {k.arg for k in call.keywords}
+        assert "epochs" not in keywords, f"{path.name}: {_name(call)}(..., epochs=...) ignores the chapter's budget"
+        if _name(call) in CONFIG_BUILDERS:
+            assert "budget_seconds" in keywords, f"{path.name}: {_name(call)}(...) without budget_seconds"
+    if any(marker in source for marker in TRAINING_CALLS):
+        assert re.search(r"session\.(recipe|budget)\(|book\.reference_model\(", source), path.name
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_chapter_ends_by_gluing_its_own_time(path):
+    assert _source(_code_cells(path)[-1]).strip() == "book.finish(session)"

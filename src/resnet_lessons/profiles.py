@@ -28,7 +28,7 @@ class Profile:
     val_per_class: int  # validation images carved out of train, per class (500 x 10 = the usual 5,000)
     synthetic_per_class: int  # images per class when the synthetic stand-in is used
     model: str  # the recipe's model, a name from resnet_lessons.models
-    epochs: int  # passes over the training split in the recipe
+    epochs: int  # passes over the training split when a run has no time budget (the command line's default)
     batch_size: int  # images per optimiser step
     lr: float  # peak learning rate of the one-cycle schedule (SGD + Nesterov)
     weight_decay: float  # L2 penalty per step, applied to conv/linear weights only
@@ -36,14 +36,16 @@ class Profile:
     eval_batch_size: int  # images per forward pass when only predicting
     seed: int  # one seed for data splits, initialisation and shuffling
     quiet: bool  # no progress bars (tests, CI logs)
+    chapter_seconds: float  # wall-clock budget of one chapter, set-up to last cell; its training runs share it
+    reference_seconds: float  # training budget of the reference model that chapters 7-9 and 12 study
     model_options: dict[str, object] = field(default_factory=dict)  # build_model keyword arguments
     precision: str = "auto"  # TrainConfig.precision: "auto" is bf16 where the hardware computes it natively
 
     def summary(self) -> str:
         train = "all" if self.train_per_class is None else f"{self.train_per_class}/class"
         return (
-            f"profile {self.name!r}: {self.description}; model {self.model}, {self.epochs} epochs, "
-            f"batch {self.batch_size}, train {train}, val {self.val_per_class}/class"
+            f"profile {self.name!r}: {self.description}; model {self.model}, batch {self.batch_size}, "
+            f"train {train}, val {self.val_per_class}/class; each chapter trains within {self.chapter_seconds:.0f} s"
         )
 
 
@@ -64,6 +66,8 @@ PROFILES: dict[str, Profile] = {
         eval_batch_size=500,
         seed=0,
         quiet=True,
+        chapter_seconds=30.0,  # the bound is 60 s on 2 cores; CI executes every chapter twice
+        reference_seconds=10.0,
         model_options={"width": 0.5},  # half width: 0.84 validation accuracy at 70% of the full width's cost
         precision="fp32",  # the same numbers on every CPU, with or without bf16 instructions
     ),
@@ -83,6 +87,8 @@ PROFILES: dict[str, Profile] = {
         eval_batch_size=1000,
         seed=0,
         quiet=False,
+        chapter_seconds=300.0,  # 5 minutes a chapter on 2 cores, about 40 minutes for the whole book
+        reference_seconds=180.0,
         # Half-width ResNet-9 in bf16: the best of the probes in bench/time_to_accuracy.py on 2 cores.
         model_options={"width": 0.5},
     ),
@@ -102,6 +108,8 @@ PROFILES: dict[str, Profile] = {
         eval_batch_size=2000,
         seed=0,
         quiet=False,
+        chapter_seconds=600.0,  # 10 minutes a chapter on a free Colab GPU (T4 class)
+        reference_seconds=300.0,
         model_options={"stem": "cifar"},
     ),
 }

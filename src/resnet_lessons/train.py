@@ -106,10 +106,16 @@ class FitResult:
     images_seen: int  # training images processed, all processes together
     seconds: float  # wall-clock time of the fit
     checkpoint: Path | None = None  # the last checkpoint written, if any
+    steps_per_epoch: int = 0  # optimiser steps in one pass over the training split
 
     @property
     def final(self) -> dict[str, Any]:
         return self.history.iloc[-1].to_dict() if len(self.history) else {}
+
+    @property
+    def epochs_trained(self) -> float:
+        """Passes over the training split, fractional: below 1 when a budget ended the first epoch."""
+        return self.steps / self.steps_per_epoch if self.steps_per_epoch else float(len(self.history))
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -420,6 +426,7 @@ def fit(
         images_seen=images_seen,
         seconds=time.perf_counter() - started,
         checkpoint=checkpoint_path if checkpoint_path is not None and checkpoint_path.exists() else None,
+        steps_per_epoch=steps_per_epoch,
     )
     model.eval()
     _call(hooks, "on_fit_end", result)
