@@ -6,6 +6,12 @@ BOOK_FLAGS ?= -W --keep-going
 
 .PHONY: book test test-browser clean
 
+# A relative RESNET_LESSONS_DATA names a path from where make runs, but the chapters run in book/: pass it on
+# absolute. Named sources (cifar10, synthetic) are no paths here and pass unchanged.
+ifneq ($(wildcard $(RESNET_LESSONS_DATA)),)
+export RESNET_LESSONS_DATA := $(abspath $(RESNET_LESSONS_DATA))
+endif
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 

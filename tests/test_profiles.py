@@ -58,3 +58,23 @@ def test_only_profiles_reads_the_environment():
         and ("os.environ" in p.read_text() or "getenv(" in p.read_text())
     ]
     assert readers == []
+
+
+def test_a_chapter_budget_from_the_environment_scales_the_reference_models_too():
+    settings = from_env({"RESNET_LESSONS_PROFILE": "cpu", "RESNET_LESSONS_CHAPTER_SECONDS": "60"})
+    cpu = PROFILES["cpu"]
+    assert settings.profile.chapter_seconds == 60
+    assert settings.profile.reference_seconds == pytest.approx(60 * cpu.reference_seconds / cpu.chapter_seconds)
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "inf", "nan", "ten"])
+def test_a_bad_chapter_budget_is_refused_by_name(bad):
+    with pytest.raises(SettingsError, match="RESNET_LESSONS_CHAPTER_SECONDS"):
+        from_env({"RESNET_LESSONS_PROFILE": "cpu", "RESNET_LESSONS_CHAPTER_SECONDS": bad})
+
+
+def test_every_profile_budgets_its_chapters_within_the_bounds_it_promises():
+    """smoke: at most 60 s a chapter on 2 cores; cpu: 5 minutes; gpu: 10 minutes on a T4-class GPU."""
+    bounds = {"smoke": 60, "cpu": 300, "gpu": 600}
+    for name, profile in PROFILES.items():
+        assert 0 < profile.reference_seconds < profile.chapter_seconds <= bounds[name], name

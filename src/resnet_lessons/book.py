@@ -218,13 +218,14 @@ def _describe_data(session: Session) -> str:
 
 
 def _show(html_text: str, plain: str) -> None:
+    """HTML in a notebook, the plain text in a terminal (IPython picks from the bundle) or without IPython."""
     try:
         from IPython import get_ipython
-        from IPython.display import HTML, display
+        from IPython.display import display
     except ImportError:
         get_ipython = None  # type: ignore[assignment]
     if get_ipython is not None and get_ipython() is not None:
-        display(HTML(html_text))
+        display({"text/html": html_text, "text/plain": plain}, raw=True)
     else:
         print(plain)
 

@@ -1,7 +1,7 @@
 """Run profiles: how much compute a chapter, a test or a command-line run may use.
 
-This module is the one place that reads the environment (``RESNET_LESSONS_PROFILE`` and
-``RESNET_LESSONS_DATA``). Everything else takes a :class:`Profile` or explicit arguments.
+This module is the one place that reads the environment (``RESNET_LESSONS_PROFILE``,
+``RESNET_LESSONS_DATA`` and ``RESNET_LESSONS_CHAPTER_SECONDS``). Everything else takes a :class:`Profile` or explicit arguments.
 Profiles are frozen: derive a variant with :func:`dataclasses.replace`, never mutate one.
 """
 
@@ -14,6 +14,7 @@ from typing import Mapping
 
 PROFILE_ENV = "RESNET_LESSONS_PROFILE"
 DATA_ENV = "RESNET_LESSONS_DATA"
+CHAPTER_ENV = "RESNET_LESSONS_CHAPTER_SECONDS"  # a chapter budget other than the profile's (a quick look, a GPU check)
 NAMED_SOURCES = ("cifar10", "synthetic")
 
 
@@ -142,6 +143,22 @@ def check_source(source: str) -> str:
     return str(path)
 
 
+def with_chapter_seconds(profile: Profile, seconds: float) -> Profile:
+    """``profile`` with another chapter budget; the reference model's budget keeps its share of it."""
+    share = profile.reference_seconds / profile.chapter_seconds
+    return replace(profile, chapter_seconds=seconds, reference_seconds=share * seconds)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise SettingsError(f"{CHAPTER_ENV} must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
 def default_profile_name(cuda_available: bool | None = None) -> str:
     if cuda_available is None:
         import torch
@@ -164,6 +181,9 @@ def from_env(env: Mapping[str, str] | None = None, cuda_available: bool | None =
     env = os.environ if env is None else env
     name = env.get(PROFILE_ENV, "").strip() or default_profile_name(cuda_available)
     profile = get_profile(name)
+    raw_seconds = env.get(CHAPTER_ENV, "").strip()
+    if raw_seconds:
+        profile = with_chapter_seconds(profile, _seconds(raw_seconds))
     raw_source = env.get(DATA_ENV, "").strip()
     source = check_source(raw_source) if raw_source else profile.default_source
     return Settings(profile=profile, source=source, source_from_env=bool(raw_source))
@@ -176,6 +196,7 @@ __all__ = [
     "SettingsError",
     "check_source",
     "from_env",
+    "with_chapter_seconds",
     "get_profile",
     "replace",
 ]
