@@ -83,6 +83,10 @@ def test_missing_empty_truncated_and_foreign_files_get_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="damaged or truncated"):
         checkpoints.load(truncated)
+    zeros = tmp_path / "zeros.pt"  # bytes that are no pickle opcode: damage, not an unsafe pickle
+    zeros.write_bytes(bytes(100))
+    with pytest.raises(CheckpointError, match="damaged or truncated, or not a PyTorch file"):
+        checkpoints.load(zeros)
     text = tmp_path / "notes.pt"
     text.write_text("hello, I am not a checkpoint\n")
     with pytest.raises(CheckpointError, match="damaged or truncated, or not a PyTorch file"):

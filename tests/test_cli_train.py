@@ -99,20 +99,25 @@ def test_usage_errors_exit_2(capsys, tmp_path, folder):
 def test_train_per_class_keeps_that_many_images_and_refuses_nonsense(capsys, tmp_path, folder):
     code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "a", "--profile", "smoke",
                            "--epochs", "1", "--train-per-class", "40")
-    assert code == 0 and "(80 images, smoke profile)" in err
+    assert code == 0 and "(80 images: 40 per class, smoke profile)" in err
     assert checkpoints.load(tmp_path / "a" / "model.pt").extra["data"]["train_per_class"] == 40
     code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "b", "--profile", "smoke",
                            "--epochs", "1", "--train-per-class", "all")
     assert code == 0 and "(200 images, smoke profile)" in err  # 150 per class, 50 of them held out
-    for bad in ("0", "-2", "lots"):
-        code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / bad, "--train-per-class", bad)
-        assert code == 1 and f"--train-per-class must be a positive whole number or 'all', got '{bad}'" in err
+    for bad in ("0", "-2", "lots"):  # a usage error: exit code 2, nothing created
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["train", "--data", str(folder), "--out", str(tmp_path / bad), "--train-per-class", bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"--train-per-class: must be a positive whole number or 'all', got '{bad}'" in err
+        assert not (tmp_path / bad).exists()
 
 
-@pytest.mark.parametrize("budget", ["0", "-3"])
+@pytest.mark.parametrize("budget", ["0", "-3", "nan", "inf"])
 def test_a_budget_of_zero_or_less_is_refused(capsys, tmp_path, folder, budget):
-    code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "o", "--budget-seconds", budget)
-    assert code == 1 and "--budget-seconds must be more than 0" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "o"), "--budget-seconds", budget])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--budget-seconds: must be a finite number more than 0" in err
 
 
 def test_an_unwritable_output_folder_is_a_one_line_error(capsys, tmp_path, folder):
@@ -124,10 +129,10 @@ def test_an_unwritable_output_folder_is_a_one_line_error(capsys, tmp_path, folde
     assert code == 1 and "cannot write into the output folder" in err
 
 
-def test_an_existing_run_is_not_overwritten_without_resume(capsys, trained, folder):
+def test_an_existing_run_is_not_overwritten_without_force(capsys, trained, folder):
     before = (trained / "model.pt").read_bytes()
     code, _, err = run_cli(capsys, "train", "--data", folder, "--out", trained, "--epochs", "1")
-    assert code == 1 and "--resume" in err and (trained / "model.pt").read_bytes() == before
+    assert code == 1 and "--force" in err and (trained / "model.pt").read_bytes() == before
 
 
 def test_unavailable_data_is_an_error_never_a_synthetic_fallback(capsys, tmp_path, monkeypatch):

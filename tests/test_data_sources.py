@@ -139,9 +139,11 @@ def test_modes_and_formats_become_rgb_and_are_resized(tmp_path):
     (src / "palette.gif").write_bytes(_png(rgb, "P", "GIF"))
     (src / "photo.jpg").write_bytes(_png(rgb, "RGB", "JPEG"))
     (src / "wide.bmp").write_bytes(_png(_pixels(1, 16)[:, :8].repeat(4, axis=1), "RGB", "BMP"))
+    (tmp_path / "src" / "zother").mkdir()  # a second class: one class is refused
+    (tmp_path / "src" / "zother" / "0.png").write_bytes(_png(rgb))
     d = data.load(tmp_path / "src", image_size=24, val_per_class=0, cache_dir=tmp_path / "cache")
-    assert d.train.images.shape == (5, 3, 24, 24)
-    gray = d.train.images[0]  # sorted names: gray, palette, photo, rgba, wide
+    assert d.train.images.shape == (6, 3, 24, 24)
+    gray = d.train.images[0]  # sorted names: gray, palette, photo, rgba, wide, then zother's
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     expect = np.asarray(Image.fromarray(rgb).convert("L").resize((24, 24), Image.Resampling.BICUBIC))
     assert np.abs(gray[0].numpy().astype(int) - expect).max() <= 1
@@ -152,6 +154,8 @@ def test_transparent_pixels_are_laid_over_white(tmp_path):
     src = tmp_path / "src" / "icons"
     src.mkdir(parents=True)
     Image.fromarray(rgba, "RGBA").save(src / "clear.png")
+    (tmp_path / "src" / "other").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "src" / "other" / "clear.png")
     d = data.load(tmp_path / "src", val_per_class=0, cache_dir=tmp_path / "cache")
     assert int(d.train.images.min()) == 255
 
@@ -164,7 +168,7 @@ def test_corrupt_and_truncated_images(tmp_path, skip_bad):
     (src / "cat" / "0.png").write_bytes(b"this is no png")
     (src / "dog" / "2.png").write_bytes(good[: len(good) // 2])
     if not skip_bad:
-        with pytest.raises(DataError, match=r"cannot decode 2 image\(s\).*cat/0.png.*dog/2.png.*skip_bad"):
+        with pytest.raises(DataError, match=r"cannot read 2 image\(s\).*cat/0.png.*dog/2.png.*--skip-bad"):
             data.load(src, val_per_class=1, cache_dir=tmp_path / "cache")
     else:
         with pytest.warns(UserWarning, match="skipped 2 unreadable"):

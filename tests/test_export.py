@@ -300,7 +300,8 @@ def test_cli_exports_onnx_and_keeps_an_existing_file_when_verification_fails(tmp
     assert cli.main(["export", str(checkpoint_file), "--format", "onnx", "--out", str(out), "--verify-images", "8"]) == 0
     assert "random images" in capsys.readouterr().out
     before = out.read_bytes()
-    code = cli.main(["export", str(checkpoint_file), "--format", "onnx", "--out", str(out), "--tolerance", "1e-30"])
+    code = cli.main(["export", str(checkpoint_file), "--format", "onnx", "--out", str(out), "--tolerance", "1e-30",
+                     "--force"])
     error = capsys.readouterr().err
     assert code == 1 and "does not reproduce" in error and len(error.strip().splitlines()) == 1
     assert out.read_bytes() == before

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._files import atomic_write
 
 FORMAT = "resnet-lessons-checkpoint"
 FORMAT_VERSION = 1
@@ -81,9 +81,11 @@ def make_checkpoint(
 
 
 def save(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, flushed to
-    disk, then ``os.replace``. If anything fails on the way (a full disk), the temporary file is
-    removed and the file that was at ``path`` before is untouched."""
+    """Write ``checkpoint`` to ``path`` atomically (:func:`resnet_lessons._files.atomic_write`): a new
+    temporary file in the same folder, flushed to disk, then renamed; a link at ``path`` is replaced, never
+    followed. If anything fails on the way (a full disk) the temporary file is removed, the file that was
+    at ``path`` is untouched, and the ``OSError`` says so: "cannot write PATH: the disk is full (...); the
+    last good checkpoint PATH is kept"."""
     path = Path(path)
     folder = path.parent
     try:
@@ -92,17 +94,8 @@ def save(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
         raise OSError(f"cannot create the checkpoint folder {folder}: {error.strerror or error}") from error
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"cannot write a checkpoint into {folder}: the folder is not writable")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(dict(checkpoint), stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    payload = dict(checkpoint)
+    return atomic_write(path, lambda stream: torch.save(payload, stream), what="checkpoint")
 
 
 @dataclass
@@ -130,14 +123,27 @@ class Checkpoint:
             )
         from .models import build_model  # models imports nothing of ours; a late import keeps this light
 
-        model = build_model(self.model_name, num_classes=len(self.classes), **self.model_options)
-        try:
-            model.load_state_dict(self.model_state)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
+        def build() -> nn.Module:
+            return build_model(self.model_name, num_classes=len(self.classes), **self.model_options)
+
+        described = f"{self.model_name} with options {self.model_options}"
+        model = None
+        try:  # first on the meta device (no memory): the options and weights are checked before allocating
+            with torch.device("meta"):
+                expected = build().state_dict()
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"{self.path}: cannot rebuild {described}: {error}") from None
+        except RuntimeError:  # an operation without a meta kernel: check against the real network instead
+            model = build()
+            expected = model.state_dict()
+        problems = state_mismatch(expected, self.model_state)
+        if problems:
             raise CheckpointError(
-                f"{self.path}: the weights do not fit {self.model_name} with options {self.model_options}: {first}"
-            ) from error
+                f"{self.path}: the weights do not fit {described} ({problems}); the file holds another "
+                "architecture's weights, or it is damaged"
+            )
+        model = model if model is not None else build()
+        model.load_state_dict(self.model_state)
         return model.to(device).eval()
 
     def history_frame(self):  # -> pandas.DataFrame
@@ -147,6 +153,23 @@ class Checkpoint:
 
     def check_classes(self, classes: Sequence[str], *, what: str = "the data") -> None:
         check_classes(self.classes, classes, what=what, path=self.path)
+
+
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str:
+    """How ``given`` weights differ from a model's ``expected`` state dict, in one phrase ("" when they fit)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing, such as {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, such as {unexpected[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape, such as {k}: {list(given[k].shape)} in the file, "
+                     f"{list(expected[k].shape)} in the model")
+    return "; ".join(parts)
 
 
 def check_classes(
@@ -161,6 +184,54 @@ def check_classes(
         )
 
 
+_OBJECT_OPCODES = {ord(op) for op in (pickle.INST, pickle.OBJ, pickle.GLOBAL, pickle.STACK_GLOBAL, pickle.EXT1,
+                                       pickle.EXT2, pickle.EXT4, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.REDUCE)}
+
+
+def unsafe_pickle_refusal(path: str | os.PathLike, error: BaseException) -> CheckpointError | None:
+    """The refusal for a ``torch.load(weights_only=True)`` that stopped at objects that could run code, or
+    None when ``error`` is another failure (a damaged file). Every command refuses with this one text."""
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand is not None:  # an opcode that builds objects is unsafe; a byte that is no opcode is damage
+        if int(operand.group(1)) not in _OBJECT_OPCODES:
+            return None
+    elif not re.search(r"Unsupported (global|class)|GLOBAL", text):
+        return None
+    found = re.search(r"GLOBAL (\S+)", text)
+    asks = f" (it asks for {found.group(1)})" if found else ""
+    return CheckpointError(
+        f"refused to load {path}: it holds objects other than tensors and plain data{asks}, which "
+        "could run code when unpickled; torch.load(weights_only=True) stopped before running any. "
+        "Only load files from sources you trust."
+    )
+
+
+REQUIRED_KEYS = ("classes", "mean", "std", "model_state")
+
+
+def _check_fields(raw: Mapping[str, Any], path: Path) -> None:
+    """A CheckpointError naming the first missing or malformed field of a resnet-lessons checkpoint."""
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)}: it is damaged, or was not "
+                              "written by resnet-lessons")
+    classes, state, options = raw["classes"], raw["model_state"], raw.get("model_options") or {}
+    if not isinstance(classes, (list, tuple)) or len(classes) < 1 or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: 'classes' must be a list of class names, got {str(classes)[:80]}")
+    for key in ("mean", "std"):
+        value = raw[key]
+        numbers = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+        if not numbers or len(value) != 3:
+            raise CheckpointError(f"{path}: {key!r} must be three numbers (one per channel), got {str(value)[:80]}")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'model_state' must map parameter names to tensors")
+    if not isinstance(options, Mapping):
+        raise CheckpointError(f"{path}: 'model_options' must be a dict, got {type(options).__name__}")
+
+
 def load_raw(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint dictionary, read with ``weights_only=True``; clear errors for every bad file."""
     path = Path(path)
@@ -173,16 +244,10 @@ def load_raw(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # the weights-only unpickler raises many kinds on a damaged file
+        refusal = unsafe_pickle_refusal(path, error)
+        if refusal is not None:
+            raise refusal from error
         text = str(error)
-        unsafe = re.search(r"Unsupported (global|operand|class)|GLOBAL", text)
-        if isinstance(error, pickle.UnpicklingError) and unsafe:
-            found = re.search(r"GLOBAL (\S+)", text)
-            asks = f" (it asks for {found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"refused to load {path}: it holds objects other than tensors and plain data{asks}, which "
-                "could run code when unpickled; torch.load(weights_only=True) stopped before running any. "
-                "Only load files from sources you trust."
-            ) from error
         message = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         raise CheckpointError(
             f"{path} is damaged or truncated, or not a PyTorch file ({type(error).__name__}: {message[:200]})"
@@ -201,6 +266,7 @@ def load_raw(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """A :class:`Checkpoint` read safely from ``path``."""
     raw = load_raw(path, map_location)
+    _check_fields(raw, Path(path))
     return Checkpoint(
         path=Path(path),
         model_name=raw.get("model_name"),
@@ -231,4 +297,6 @@ __all__ = [
     "load_raw",
     "make_checkpoint",
     "save",
+    "state_mismatch",
+    "unsafe_pickle_refusal",
 ]

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import statistics
-import tempfile
 import time
 import warnings
 import zlib
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._files import atomic_write, replacing
 
 FORMATS = ("onnx", "torchscript")
 CARD_FORMAT = "resnet-lessons-export"
@@ -130,9 +130,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 def write_card(path: str | os.PathLike, card: ModelCard) -> Path:
     """Write ``card`` beside ``path`` (the exported file); return the sidecar's path."""
-    target = sidecar_path(path)
-    _atomic_write(target, card.to_json().encode() + b"\n")
-    return target
+    return atomic_write(sidecar_path(path), card.to_json() + "\n", what="model card")
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:
@@ -157,17 +155,6 @@ def _embedded_card(path: Path) -> str | None:
     with _quiet():
         torch.jit.load(os.fspath(path), map_location="cpu", _extra_files=files)
     return files[CARD_KEY] or None
-
-
-def _atomic_write(target: Path, payload: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --- exporting ----------------------------------------------------------------------------------------
@@ -289,24 +276,24 @@ def export_model(
     card = ModelCard(**{**asdict(card), "export_format": format})
     model = _plain_model(model)
     example = card.normalise(images[:2])
-    suffix = ".onnx" if format == "onnx" else ".pt"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(temporary)
+    suffix = ".onnx" if format == "onnx" else ".pt"  # loading goes by the suffix
+    card_temporary: Path | None = None
     try:
-        if format == "onnx":
-            _write_onnx(model, temporary, card, example, opset)
-        else:
-            _write_torchscript(model, temporary, card, example)
-        write_card(temporary, card)
-        comparison = compare(model, load_exported(temporary), images, tolerance=tolerance, inputs=inputs)
-        if not comparison.ok:
-            raise ExportError(f"the exported {format} model does not reproduce PyTorch's outputs: {comparison.summary()}")
-        os.replace(temporary, path)
-        os.replace(sidecar_path(temporary), sidecar_path(path))
+        with replacing(path, what="exported model", suffix=suffix) as temporary:
+            if format == "onnx":
+                _write_onnx(model, temporary, card, example, opset)
+            else:
+                _write_torchscript(model, temporary, card, example)
+            card_temporary = write_card(temporary, card)
+            comparison = compare(model, load_exported(temporary), images, tolerance=tolerance, inputs=inputs)
+            if not comparison.ok:
+                raise ExportError(
+                    f"the exported {format} model does not reproduce PyTorch's outputs: {comparison.summary()}"
+                )
+        os.replace(card_temporary, sidecar_path(path))  # a rename: the card was written and synced already
     finally:
-        temporary.unlink(missing_ok=True)
-        sidecar_path(temporary).unlink(missing_ok=True)
+        if card_temporary is not None:
+            card_temporary.unlink(missing_ok=True)
     return ExportResult(path, sidecar_path(path), card, comparison, path.stat().st_size, time.perf_counter() - started)
 
 

@@ -176,14 +176,19 @@ class Settings:
     source_from_env: bool  # False when the profile's default source is used
 
 
+def profile_from_env(env: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> Profile:
+    """The profile the environment asks for (``RESNET_LESSONS_PROFILE``, ``RESNET_LESSONS_CHAPTER_SECONDS``), else
+    the one for this hardware. ``RESNET_LESSONS_DATA`` is not read: a caller with an explicit source needs it not."""
+    env = os.environ if env is None else env
+    profile = get_profile(env.get(PROFILE_ENV, "").strip() or default_profile_name(cuda_available))
+    raw_seconds = env.get(CHAPTER_ENV, "").strip()
+    return with_chapter_seconds(profile, _seconds(raw_seconds)) if raw_seconds else profile
+
+
 def from_env(env: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> Settings:
     """Read ``RESNET_LESSONS_PROFILE`` and ``RESNET_LESSONS_DATA``; the only reader of the environment."""
     env = os.environ if env is None else env
-    name = env.get(PROFILE_ENV, "").strip() or default_profile_name(cuda_available)
-    profile = get_profile(name)
-    raw_seconds = env.get(CHAPTER_ENV, "").strip()
-    if raw_seconds:
-        profile = with_chapter_seconds(profile, _seconds(raw_seconds))
+    profile = profile_from_env(env, cuda_available)
     raw_source = env.get(DATA_ENV, "").strip()
     source = check_source(raw_source) if raw_source else profile.default_source
     return Settings(profile=profile, source=source, source_from_env=bool(raw_source))
@@ -196,6 +201,7 @@ __all__ = [
     "SettingsError",
     "check_source",
     "from_env",
+    "profile_from_env",
     "with_chapter_seconds",
     "get_profile",
     "replace",

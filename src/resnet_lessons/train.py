@@ -311,10 +311,11 @@ def fit(
     from tqdm.auto import tqdm
 
     quiet = cfg.quiet or not world.is_main
+    bars = not quiet and _progress_bars()  # else (a log file) one plain line per epoch
     planned_epochs = cfg.epochs if total_steps is None else -(-total_steps // steps_per_epoch)
     if _call(hooks, "on_fit_start", _plan(cfg, steps_per_epoch, total_steps, planned_epochs, world)):
         planned_epochs = epoch
-    epoch_bar = tqdm(total=planned_epochs, initial=epoch, desc="epochs", unit="epoch", disable=quiet)
+    epoch_bar = tqdm(total=planned_epochs, initial=epoch, desc="epochs", unit="epoch", disable=not bars)
     stopped = "completed"
     clock = None if not cfg.budget_seconds else _BudgetClock(cfg, started, steps_per_epoch,
                                                              _loader_images(val_loader), device)
@@ -326,7 +327,7 @@ def fit(
         train_model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         bad = torch.zeros((), dtype=torch.bool, device=device)
-        step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False, disable=quiet)
+        step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False, disable=not bars)
         for batch_index, (x, y) in enumerate(train_loader):
             if total_steps is not None and step >= total_steps:
                 break
@@ -402,6 +403,8 @@ def fit(
         epoch_bar.set_postfix(
             {k: f"{row[k]:.3f}" for k in ("train_loss", "val_loss", "val_accuracy") if not math.isnan(row[k])}
         )
+        if not quiet and not bars:
+            _print_epoch(row, planned_epochs)
         if _call(hooks, "on_epoch_end", dict(row)) and stopped == "completed":
             stopped = "hook"
         if cfg.patience is not None and best_epoch is not None and epoch - best_epoch >= cfg.patience:
@@ -543,21 +546,30 @@ def _diverged(epoch: int, batch_index: int, step: int, lr: float, checkpoint_pat
     )
 
 
+def _progress_bars() -> bool:
+    """Progress bars only where someone watches them: a terminal or a notebook (not a log file)."""
+    import sys
+
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        return True
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"  # Jupyter's kernel; tqdm.auto draws a widget there
+
+
+def _print_epoch(row: Mapping[str, Any], planned_epochs: int) -> None:
+    """One plain line per epoch on stderr, for logs: ``epoch 3/10: train_loss 1.234, ... (12.3 s)``."""
+    import sys
+
+    shown = ", ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if not math.isnan(row[k]))
+    print(f"epoch {row['epoch']}/{planned_epochs}: {shown} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and make sure files can be written into it; else an ``OSError`` naming it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = error.strerror or error
-        raise PermissionError(f"cannot write into the output folder {folder} (it cannot be created: {reason})") from None
-    if not folder.is_dir():
-        raise NotADirectoryError(f"the output folder {folder} is a file")
-    probe = folder / ".write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"cannot write into the output folder {folder}: {error.strerror or error}") from None
+    """Create ``folder`` if needed and make sure files can be written into it; else an ``OSError`` naming it.
+    The probe is a fresh temporary file, so a link planted in the folder is never written through."""
+    from ._files import check_writable as check
+
+    check(folder)
 
 
 __all__ = [

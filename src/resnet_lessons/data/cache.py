@@ -3,7 +3,8 @@
 The key is the source's content: a digest of a zip's central directory (every name, size and CRC-32) or
 of a folder's listing (names, sizes, modification times). A cached zip is recognised from its central
 directory alone, so a second load of 50,000 images reads two files and decodes nothing.
-Only ``cache_dir`` is ever written, atomically (a temporary file, then a rename).
+Only ``cache_dir`` is ever written, atomically (:func:`resnet_lessons._files.atomic_write`: a temporary
+file, then a rename); temporaries that a killed load left there are removed after an hour.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._files import atomic_write, remove_stale_temporaries
+
 if TYPE_CHECKING:
     from .folders import Listing
 
 CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are not reused
+STALE_SECONDS = 3600.0  # a temporary this old in the cache was left by a killed process
 
 
 def zip_directory_digest(path: Path) -> str | None:
@@ -92,12 +96,8 @@ def write_cache(cache_dir: Path, listing: Listing, size: int, images: np.ndarray
             "label_of": listing.label_of}
     try:
         array_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, images)
-        os.replace(tmp, array_path)
-        tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        remove_stale_temporaries(array_path.parent, older_than=STALE_SECONDS)  # cache files only live here
+        atomic_write(array_path, lambda stream: np.save(stream, images), what="cache file")
+        atomic_write(meta_path, json.dumps(meta), what="cache file")
     except OSError as error:
         warnings.warn(f"could not write the image cache in {array_path.parent}: {error}", stacklevel=2)

@@ -2,6 +2,12 @@
 
 The source is listed and checked first (layout, classes, unsafe names), then decoded once, in worker
 processes when there are many images; :mod:`.cache` keeps the result. Nothing is written next to the source.
+
+Symbolic links in a folder are followed only when they resolve inside the folder (a class folder linked
+from elsewhere inside it, an image linked twice). A link to a file outside, a dangling link and anything
+that is not a regular file is never read: it is an unreadable image, named by the link's own path, that
+``skip_bad`` (``--skip-bad``) skips; a linked folder outside the source is an error naming the link.
+No image is read past :data:`MAX_IMAGE_BYTES`: a zip member declaring more (a zip bomb) is not opened.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import stat
 import sys
 import warnings
 import zipfile
@@ -27,6 +34,7 @@ SPLIT_NAMES = ("train", "val", "test")
 CACHE_FORMAT = cache.CACHE_FORMAT
 PARALLEL_FROM = 2000  # images; below this a process pool costs more than it saves
 IGNORED = ("__MACOSX", "Thumbs.db", "desktop.ini")
+MAX_IMAGE_BYTES = 64 * 2**20  # one image file, uncompressed: photographs are a few MB
 
 
 def image_extensions() -> frozenset[str]:
@@ -58,29 +66,84 @@ def _safe_parts(name: str, source: Path) -> tuple[str, ...]:
     return tuple(p for p in parts if p not in ("", "."))
 
 
-def _walk_folder(root: Path) -> tuple[list[tuple[tuple[str, ...], str]], set[tuple[str, ...]]]:
-    """(parts, signature) per file and the set of directories (as parts) under ``root``."""
-    files, dirs = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
-        rel = Path(dirpath).relative_to(root).parts
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in IGNORED)
-        dirs.update(rel + (d,) for d in dirnames)
-        for f in sorted(filenames):
-            st = (Path(dirpath) / f).stat()
-            files.append((rel + (f,), f"{st.st_size}:{st.st_mtime_ns}"))
+Walk = tuple[list[tuple[tuple[str, ...], str]], set[tuple[str, ...]]]
+
+
+def _inside(path: Path, real_root: Path) -> Path | None:
+    """Where ``path`` leads when that is inside ``real_root`` and exists; else None."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return None
+    return real if real.is_relative_to(real_root) and real.exists() else None
+
+
+def _link_signature(path: Path, real_root: Path, root: Path, name: str) -> tuple[str, str]:
+    """("dir" | "file", signature) of the link ``name``; a folder linked from outside is an error."""
+    real = _inside(path, real_root)
+    if real is not None:
+        if real.is_dir():
+            return "dir", ""
+        st = real.stat()
+        return "file", f"link:{st.st_size}:{st.st_mtime_ns}"
+    target = os.readlink(path)
+    if os.path.isdir(path):
+        raise DataError(
+            f"{root}: refusing the symbolic link {name} -> {target}: it leads outside the data folder, and links "
+            f"are followed only inside it; move or copy that folder into {root}"
+        )
+    return "file", f"unread-link:{target}"
+
+
+def _walk_folder(root: Path) -> Walk:
+    """(parts, signature) per file and the set of directories (as parts) under ``root``; links are
+    followed only where they resolve inside ``root`` (see the module's docstring)."""
+    real_root = root.resolve()
+    files: list[tuple[tuple[str, ...], str]] = []
+    dirs: set[tuple[str, ...]] = set()
+
+    def visit(folder: Path, rel: tuple[str, ...], ancestors: frozenset[Path]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            raise DataError(f"cannot read {folder}: {error.strerror}") from error
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in IGNORED:
+                continue
+            parts, path = rel + (entry.name,), Path(entry.path)
+            kind, signature = "file", ""
+            if entry.is_symlink():
+                kind, signature = _link_signature(path, real_root, root, "/".join(parts))
+            elif entry.is_dir(follow_symlinks=False):
+                kind = "dir"
+            else:
+                st = entry.stat(follow_symlinks=False)
+                signature = f"{st.st_size}:{st.st_mtime_ns}"
+            if kind == "file":
+                files.append((parts, signature))
+                continue
+            real = path.resolve()
+            if real in ancestors:
+                raise DataError(f"{root}: the symbolic link {'/'.join(parts)} -> {os.readlink(path)} makes a loop")
+            dirs.add(parts)
+            visit(path, parts, ancestors | {real})
+
+    visit(root, (), frozenset({real_root}))
     return files, dirs
 
 
-def _raise_walk_error(error: OSError) -> None:
-    raise DataError(f"cannot read {error.filename}: {error.strerror}") from error
+def _damaged_zip(path: Path, error: Exception) -> DataError:
+    return DataError(f"{path} is a damaged or truncated zip archive ({error}); copy or download it again")
 
 
-def _walk_zip(path: Path) -> tuple[list[tuple[tuple[str, ...], str]], set[tuple[str, ...]]]:
+def _walk_zip(path: Path) -> Walk:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise DataError(f"cannot read {path} as a zip archive: {error}") from error
+    except zipfile.BadZipFile as error:
+        raise _damaged_zip(path, error) from error
+    except OSError as error:
+        raise DataError(f"cannot read {path} as a zip archive: {error.strerror or error}") from error
     files, dirs = [], set()
     for info in infos:
         parts = _safe_parts(info.filename, path)
@@ -103,6 +166,9 @@ def scan(path: str | os.PathLike) -> Listing:
         raise DataError(f"data source {path} is not readable (permission denied)")
     is_zip = path.is_file()
     if is_zip and not zipfile.is_zipfile(path):
+        with open(path, "rb") as stream:
+            if stream.read(4) == b"PK\x03\x04":  # a zip's first entry, but no directory at the end
+                raise _damaged_zip(path, "no central directory at its end")
         raise DataError(f"{path} is a file but not a zip archive; give a folder or a .zip of images")
     files, dirs = _walk_zip(path) if is_zip else _walk_folder(path)
     extensions = image_extensions()
@@ -198,17 +264,61 @@ def fit_image(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+class Unread(Exception):
+    """An entry that is not read at all: too large, a link leading outside or nowhere, not a regular file."""
+
+
+def _too_large(size: int, kind: str = "") -> Unread:
+    return Unread(f"{size / 2**20:.1f} MiB{kind}, more than the {MAX_IMAGE_BYTES // 2**20} MiB an image may "
+                  "have; not read")
+
+
+def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A zip member's bytes, refused before reading when it declares more than MAX_IMAGE_BYTES, and
+    never read past that limit whatever it declares."""
+    info = archive.getinfo(name)
+    if info.file_size > MAX_IMAGE_BYTES:
+        raise _too_large(info.file_size, " uncompressed")
+    with archive.open(info) as stream:
+        data = stream.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _too_large(len(data), " uncompressed")
+    return data
+
+
+def _read_file(root: Path, real_root: Path, name: str) -> bytes:
+    """A file's bytes under the folder's link rule (see the module's docstring) and size limit."""
+    path = root / name
+    real = _inside(path, real_root)
+    if real is None:
+        target = os.readlink(path) if path.is_symlink() else name
+        where = "outside the data folder (links are followed only inside it)" if os.path.exists(path) else \
+            "which does not exist"
+        raise Unread(f"a symbolic link to {target}, {where}; not read")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the load
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise Unread("not a regular file; not read")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise _too_large(info.st_size)
+        return stream.read(MAX_IMAGE_BYTES + 1)
+
+
 def _decode_chunk(job: tuple[str, bool, list[str], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode some images to ``[n, size, size, 3]`` uint8; failures come back as (index, reason)."""
     root, is_zip, names, size = job
+    real_root = Path(root).resolve()
     out = np.zeros((len(names), size, size, 3), dtype=np.uint8)
     bad = []
     for i, name in enumerate(names):
         try:
-            data = _archive.read(name) if is_zip else (Path(root) / name).read_bytes()
+            data = _read_member(_archive, name) if is_zip else _read_file(Path(root), real_root, name)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 out[i] = np.asarray(fit_image(to_rgb(image), size))
+        except Unread as error:
+            bad.append((i, str(error)))
         except Exception as error:  # Pillow raises many kinds for broken files
             bad.append((i, f"{type(error).__name__}: {error}"))
     return out, bad

@@ -136,8 +136,8 @@ def _folder(path: Path, image_size: int, cache_dir: Path, skip_bad: bool) -> tup
         shown = "; ".join(f"{name} ({reason})" for name, reason in bad_names[:3])
         more = f" and {len(bad_names) - 3} more" if len(bad_names) > 3 else ""
         if not skip_bad:
-            raise DataError(f"cannot decode {len(bad_names)} image(s) in the {where} {path}: {shown}{more}. "
-                            "Fix or remove them, or pass skip_bad=True to skip them.")
+            raise DataError(f"cannot read {len(bad_names)} image(s) in the {where} {path}: {shown}{more}. "
+                            "Fix or remove them, or skip them with --skip-bad (skip_bad=True in Python).")
         warnings.warn(f"skipped {len(bad_names)} unreadable image(s) in {path}: {shown}{more}", stacklevel=3)
         index = {name: i for i, name in enumerate(listing.names)}
         keep[[index[name] for name, _ in bad_names]] = False
@@ -186,13 +186,16 @@ def load(
     cache_dir: str | Path | None = None,
     download: bool = True,
     skip_bad: bool = False,
+    require_train: bool = True,
 ) -> DataSplits:
     """Load ``source`` as uint8 splits with the training split's per-channel statistics.
 
     ``val_per_class`` images of each class are carved out of train (stratified, by ``seed``) when the
     source has no val split of its own; ``train_per_class`` then keeps that many training images per
-    class. Raises :class:`DataUnavailable` when CIFAR-10 cannot be had and :class:`DataError` for bad
-    input. Only ``cache_dir`` (default ``~/.cache/resnet_lessons``) is ever written.
+    class. ``require_train=False`` accepts a source without a train split (``test/<class>/<image>`` to
+    evaluate on): nothing is carved and ``mean``/``std`` are then those of its first split. Raises
+    :class:`DataUnavailable` when CIFAR-10 cannot be had and :class:`DataError` for bad input (fewer than
+    two classes among them). Only ``cache_dir`` (default ``~/.cache/resnet_lessons``) is ever written.
     """
     if image_size < 8:
         raise DataError(f"image_size must be at least 8 pixels; got {image_size}")
@@ -210,10 +213,16 @@ def load(
     else:
         raise DataError(f"data source {name!r} is neither 'cifar10', 'synthetic' nor an existing "
                         f"folder or .zip of images: {Path(name).expanduser().resolve()} does not exist")
-    if "train" not in splits:
+    classes = next(iter(splits.values())).classes
+    if len(classes) < 2:
+        raise DataError(f"data source {name!r} has only one class ({', '.join(classes) or 'none'}); a classifier "
+                        "needs at least two classes, one folder of images each")
+    if "train" not in splits and require_train:
         raise DataError(f"data source {name!r} has no train split (it has {', '.join(splits)})")
+    if "train" not in splits:
+        notes.append(f"no train split in the source: mean and std are those of its {next(iter(splits))} split")
     cifar_jpeg = _is_cifar10_jpeg(splits)
-    if "val" not in splits and val_per_class > 0:
+    if "train" in splits and "val" not in splits and val_per_class > 0:
         splits["train"], splits["val"] = _carve_val(splits["train"], val_per_class, seed)
         if "test" not in splits:
             notes.append(f"no test split in the source: val ({val_per_class} per class) is carved out of "
@@ -221,8 +230,8 @@ def load(
     if cifar_jpeg:
         notes.append("this is the JPEG copy of CIFAR-10's training split (lossy: pixels differ slightly "
                      "from the official release); figures on it are validation accuracy on the JPEG copy")
-    if train_per_class is not None:
+    if train_per_class is not None and "train" in splits:
         splits["train"] = splits["train"].subset(take_per_class(splits["train"].labels, train_per_class, seed + 1))
     ordered = {k: splits[k] for k in sorted(splits, key=lambda s: (SPLIT_ORDER + (s,)).index(s))}
-    mean, std = channel_stats(ordered["train"].images)
+    mean, std = channel_stats(ordered.get("train", next(iter(ordered.values()))).images)
     return DataSplits(source=name, splits=ordered, mean=mean, std=std, notes=tuple(notes))
