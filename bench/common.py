@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the record of where and when it ran, JSON writing, table printing.
+"""What every benchmark script shares: the record of where and when it ran, JSON writing, table printing, the
+book's CPU recipe, loading the data with a label for what its figures are, and the spread of a figure over seeds.
 
 Every ``bench/results/*.json`` carries ``hardware``, ``versions``, ``date`` (UTC, ISO 8601) and ``command`` so
 that a figure in the book can say what it was measured on. Imported by the scripts of this folder (run as
@@ -17,10 +18,18 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from resnet_lessons.profiles import get_profile
+from resnet_lessons.train import config_from_profile
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHARED_ZIP_NAME = Path("shared") / "data" / "cifar10-train-jpeg.zip"
 SHARED_ZIP = ROOT.parent / SHARED_ZIP_NAME  # the shared JPEG copy of CIFAR-10's training split, if present
+JPEG_LABEL = "JPEG copy of CIFAR-10, validation"  # what a figure scored on the shared zip's carved split is
+
+# The book's CPU recipe is the cpu profile's: half-width ResNet-9 in bf16 where the CPU computes it natively (probes
+# of ResNet-20, ResNet-9 and airbench-like networks in issue 5's report). time_to_accuracy.py and ladder.py train it.
+CPU_RECIPE = config_from_profile(get_profile("cpu"), quiet=True)
 
 
 def shared_zip() -> Path | None:
@@ -29,6 +38,47 @@ def shared_zip() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def data_label(data: Any) -> str:
+    """What accuracy on ``data``'s validation split is: :data:`JPEG_LABEL` for the JPEG copy of CIFAR-10, else the
+    source and split, e.g. ``"synthetic, validation"``."""
+    if any("JPEG copy of CIFAR-10" in note for note in getattr(data, "notes", ())):
+        return JPEG_LABEL
+    return f"{Path(str(data.source)).name}, validation"
+
+
+def load_data(source: str, *, val_per_class: int, seed: int = 0, threads: int | None = None, **options: Any) -> Any:
+    """``resnet_lessons.data.load`` with a one-line account on stderr: sizes, label, load time, threads, CPU."""
+    import time
+
+    from resnet_lessons.data import load
+
+    started = time.perf_counter()
+    data = load(source, val_per_class=val_per_class, seed=seed, **options)
+    val = len(data.splits["val"]) if "val" in data.splits else 0
+    print(f"data: {source}: train {len(data.train):,}, val {val:,} ({data_label(data)}); loaded in "
+          f"{time.perf_counter() - started:.0f} s; {threads or torch.get_num_threads()} threads on {cpu_name()}",
+          file=sys.stderr, flush=True)
+    return data
+
+
+def cpu_load(threads: int, load_average_at_start: Sequence[float] | None) -> dict[str, Any]:
+    """Hardware fields for a CPU run: threads used, logical CPUs, load average at start and at end (other work on
+    the machine slows a timed run; a reader needs to see it)."""
+    return {"torch_threads": threads, "logical_cpus": os.cpu_count(),
+            "load_average_at_start": list(load_average_at_start) if load_average_at_start else None,
+            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None for one value), min, max and the values themselves."""
+    import statistics
+
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values) if values else None, "max": max(values) if values else None, "values": values}
 
 
 def cpu_name() -> str:

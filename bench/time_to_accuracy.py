@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from functools import partial
@@ -38,18 +37,14 @@ import torchvision
 
 import common
 from resnet_lessons import runtime
-from resnet_lessons.data import Augment, load, torchvision_loader
+from resnet_lessons.data import Augment, torchvision_loader
 from resnet_lessons.evaluate import evaluate
 from resnet_lessons.models import build_model
-from resnet_lessons.profiles import get_profile
-from resnet_lessons.train import config_from_profile, fit, replace, resolve_precision
+from resnet_lessons.train import fit, replace, resolve_precision
 
 SHARED_ZIP = common.SHARED_ZIP
-LABEL = "JPEG copy of CIFAR-10, validation"
-
-# The CPU recipe is the cpu profile's: half-width ResNet-9 in bf16 where the CPU computes it natively (probes
-# of ResNet-20, ResNet-9 and airbench-like networks in issue 5's report).
-CPU_RECIPE = config_from_profile(get_profile("cpu"), quiet=True)
+LABEL = common.JPEG_LABEL
+CPU_RECIPE = common.CPU_RECIPE  # the cpu profile's recipe (bench/common.py), which ladder.py walks towards
 
 
 def run_cpu_recipe(data, budget: float, seed: int, recipe=CPU_RECIPE) -> dict:
@@ -134,10 +129,7 @@ def main(argv=None) -> int:
         parser.error(f"--set: {error}")
 
     threads = runtime.cpu_threads(args.threads)
-    load_start = time.perf_counter()
-    data = load(args.data, val_per_class=args.val_per_class, seed=args.seed)
-    print(f"data: {args.data}: train {len(data.train):,}, val {len(data.val):,} ({LABEL}); "
-          f"loaded in {time.perf_counter() - load_start:.0f} s; {threads} threads on {common.cpu_name()}", file=sys.stderr)
+    data = common.load_data(args.data, val_per_class=args.val_per_class, seed=args.seed, threads=threads)
     load_average_start = os.getloadavg()
     results = []
     for budget in args.budgets:
@@ -177,8 +169,7 @@ def main(argv=None) -> int:
         "cpu_recipe_precision": resolve_precision(cpu_recipe.precision, torch.device("cpu")),
         **common.record(__file__, argv),  # hardware, versions, date, command
     }
-    report["hardware"].update({"torch_threads": threads, "logical_cpus": os.cpu_count(),
-                               "load_average_at_start": load_average_start, "load_average_at_end": os.getloadavg()})
+    report["hardware"].update(common.cpu_load(threads, load_average_start))
     out = common.write_json(args.out, report)
     print(f"\n{'recipe':8s} {'budget':>7s} {'val acc':>8s} {'images':>10s}   ({LABEL})")
     for r in results:

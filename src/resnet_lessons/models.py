@@ -10,6 +10,10 @@ Two families, both from He et al., "Deep Residual Learning for Image Recognition
 And one from Page, "How to train your ResNet" (2018), the DAWNBench winner: ``resnet9``, a ResNet built for
 throughput (few layers at full resolution, max-pool downsampling, two residual blocks), the book's CPU recipe.
 
+And the pre-activation networks of He et al., "Identity Mappings in Deep Residual Networks" (ECCV 2016):
+``preact_resnet8/20/32/44/56/110``, the CIFAR family rebuilt from :class:`PreActBlock` (BN-ReLU-conv twice, nothing
+after the addition).
+
 Build any of them with :func:`build_model`; :data:`MODELS` maps names to builders.
 """
 
@@ -157,6 +161,69 @@ class Bottleneck(nn.Module):
                 identity = self.downsample(x)
             out += identity
         out = self.relu(out)
+        return out
+
+
+# Pre-activation: He, Zhang, Ren and Sun, "Identity Mappings in Deep Residual Networks" (ECCV 2016), Fig. 4(e)
+# and the appendix; where the shortcut taps the block follows the Torch implementations of the paper
+# (KaimingHe/resnet-1k-layers, fb.resnet.torch's preresnet.lua): after the shared BN-ReLU when the shape changes.
+
+
+def make_preact_shortcut(in_channels: int, out_channels: int, stride: int, shortcut: Shortcut) -> nn.Module | None:
+    """The shortcut of a :class:`PreActBlock`: ``None`` when the shape is kept, else option A
+    (:class:`ZeroPadShortcut`) or option B, a 1x1 projection *without* BatchNorm (the next block
+    pre-activates what it receives, so a BatchNorm here would normalise twice)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    if shortcut == "A":
+        return ZeroPadShortcut(in_channels, out_channels, stride)
+    return conv1x1(in_channels, out_channels, stride)
+
+
+class PreActBlock(nn.Module):
+    """The full pre-activation block (He et al. 2016b): BN-ReLU-conv-BN-ReLU-conv; the output is
+    F(x) + shortcut(x) with no ReLU after the addition, so the identity path carries x from block to block
+    unchanged: x_L = x_l + sum of the residuals between them.
+
+    When the shape changes, the shortcut (``downsample``) is applied to the pre-activated input
+    ReLU(BN(x)), which both paths then share. ``preactivate=False`` leaves out the first BN-ReLU: the
+    network's first block, whose input the stem has already pre-activated (the paper's appendix)."""
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        preactivate: bool = True,
+    ) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels) if preactivate else None
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = conv3x3(in_channels, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width)
+        self.downsample = downsample
+        self.preactivate = preactivate
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+
+        out = x
+        if self.bn1 is not None:
+            out = self.bn1(out)
+            out = self.relu(out)
+        if self.downsample is not None:
+            identity = self.downsample(out)  # the projection sees the pre-activated input
+
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+
+        out += identity  # no ReLU after the addition: the identity path stays clean
         return out
 
 
@@ -330,6 +397,82 @@ class ResNet9(nn.Module):
         return self.fc(self.features(x)) * self.logit_scale
 
 
+class PreActResNet(nn.Module):
+    """The pre-activation ResNet of He et al. (2016b) for CIFAR: a 3x3 stem whose BN-ReLU is the first
+    block's pre-activation, stages of :class:`PreActBlock` (widths 16/32/64 for the 6n+2 family), then a
+    final BN-ReLU (the last block's output is a sum that no BatchNorm has seen), global average pool, ``fc``.
+
+    Same interface as :class:`ResNet` (``stages``, ``features``, ``fc``, ``num_features``, ``check_input``,
+    ``min_input_size``) and the same initialisation; with option A it has exactly the parameters of the
+    original network of the same depth."""
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        *,
+        num_classes: int = 10,
+        shortcut: Shortcut = "A",
+        in_channels: int = 3,
+        arch: str = "preact_resnet",
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.in_channels = in_channels
+        self.stem_kind = "cifar"
+        stem_width = widths[0]
+        self.conv1 = conv3x3(in_channels, stem_width)
+        self.bn1 = nn.BatchNorm2d(stem_width)  # the first block's pre-activation, shared with its shortcut
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()  # for shape_trace and the stem/stage names shared with ResNet
+
+        channels = stem_width
+        self.stage_names: list[str] = []
+        for index, (blocks, width) in enumerate(zip(layers, widths)):
+            stage = []
+            for position in range(blocks):
+                stride = 2 if index > 0 and position == 0 else 1
+                downsample = make_preact_shortcut(channels, width, stride, shortcut)
+                first = index == 0 and position == 0
+                stage.append(PreActBlock(channels, width, stride, downsample, preactivate=not first))
+                channels = width
+            name = f"layer{index + 1}"
+            self.add_module(name, nn.Sequential(*stage))
+            self.stage_names.append(name)
+        self.final_bn = nn.BatchNorm2d(channels)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        self.min_input_size = 2 ** (len(layers) - 1)
+
+        for m in self.modules():  # as ResNet: He et al. (2015) for convolutions, BatchNorm as the identity
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    stages = ResNet.stages
+    check_input = ResNet.check_input
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features: ReLU(BN(last stage)), globally pooled, ``[batch, num_features]``."""
+        self.check_input(x)
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.final_bn(x)
+        x = self.relu(x)
+        x = self.avgpool(x)
+        return torch.flatten(x, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
 def _check_options(arch: str, num_classes: int, width: float, in_channels: int, **choices: str) -> None:
     allowed = {"stem": ("imagenet", "cifar"), "shortcut": ("A", "B")}
     for option, value in choices.items():
@@ -446,13 +589,39 @@ plain20 = _cifar_resnet("plain20", 3, residual=False)
 plain56 = _cifar_resnet("plain56", 9, residual=False)
 plain110 = _cifar_resnet("plain110", 18, residual=False)
 
-MODELS: dict[str, Callable[..., ResNet | ResNet9]] = {
+
+def _preact_cifar_resnet(arch: str, n: int) -> Callable[..., PreActResNet]:
+    """A builder for the 6n+2-layer pre-activation CIFAR network of He et al. (2016b)."""
+
+    def build(
+        num_classes: int = 10, *, shortcut: Shortcut = "A", width: float = 1.0, in_channels: int = 3,
+    ) -> PreActResNet:
+        _check_options(arch, num_classes, width, in_channels, shortcut=shortcut)
+        widths = [max(1, round(w * width)) for w in CIFAR_WIDTHS]
+        return PreActResNet([n, n, n], widths, num_classes=num_classes, shortcut=shortcut,
+                            in_channels=in_channels, arch=arch)
+
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = (f"Pre-activation ResNet-{6 * n + 2}: three stages of {n} PreActBlocks, widths 16/32/64 "
+                     "(He et al. 2016b, \"Identity Mappings in Deep Residual Networks\").")
+    return build
+
+
+preact_resnet8 = _preact_cifar_resnet("preact_resnet8", 1)
+preact_resnet20 = _preact_cifar_resnet("preact_resnet20", 3)
+preact_resnet32 = _preact_cifar_resnet("preact_resnet32", 5)
+preact_resnet44 = _preact_cifar_resnet("preact_resnet44", 7)
+preact_resnet56 = _preact_cifar_resnet("preact_resnet56", 9)
+preact_resnet110 = _preact_cifar_resnet("preact_resnet110", 18)
+
+MODELS: dict[str, Callable[..., ResNet | ResNet9 | PreActResNet]] = {
     builder.__name__: builder
     for builder in (
         resnet18, resnet34, resnet50,
         resnet8, resnet20, resnet32, resnet44, resnet56, resnet110,
         plain20, plain56, plain110,
         resnet9,
+        preact_resnet8, preact_resnet20, preact_resnet32, preact_resnet44, preact_resnet56, preact_resnet110,
     )
 }
 
@@ -462,24 +631,44 @@ def model_options(name: str) -> list[str]:
     return [p for p in inspect.signature(_builder(name)).parameters if p != "num_classes"]
 
 
-def _builder(name: str) -> Callable[..., ResNet | ResNet9]:
+def _builder(name: str) -> Callable[..., ResNet | ResNet9 | PreActResNet]:
     try:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
 
 
-def build_model(name: str, num_classes: int = 10, **options: Any) -> ResNet | ResNet9:
+MAX_WIDTH = 16.0  # width multiplier: 16x ResNet-50 already has 6 billion parameters
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 64
+
+
+def check_options(name: str, num_classes: Any, options: dict[str, Any]) -> None:
+    """Raise a ValueError naming the first option of ``name`` that is unknown, of the wrong type or out of
+    range, before any layer is built (a width of 1e6 would otherwise ask for petabytes)."""
+    valid = model_options(name)
+    for option in options:
+        if option not in valid:
+            raise ValueError(f"{name} has no option {option!r}; its options are: {', '.join(valid)}")
+    limits = {"num_classes": MAX_CLASSES, "in_channels": MAX_IN_CHANNELS}
+    for option, value in (("num_classes", num_classes), *options.items()):
+        if option in limits and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits[option]):
+            raise ValueError(f"{name}: {option} must be a whole number from 1 to {limits[option]}, got {value!r}")
+        if option == "width" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value <= MAX_WIDTH):
+            raise ValueError(f"{name}: width must be positive and at most {MAX_WIDTH:g}, got {value!r}")
+        if option == "zero_init_residual" and not isinstance(value, bool):
+            raise ValueError(f"{name}: zero_init_residual must be True or False, got {value!r}")
+
+
+def build_model(name: str, num_classes: int = 10, **options: Any) -> ResNet | ResNet9 | PreActResNet:
     """The network called ``name`` in :data:`MODELS`, with ``num_classes`` outputs.
 
     Options (each only where it applies; an unknown one raises a ValueError naming it):
     ``stem`` ("imagenet" or "cifar", ImageNet family), ``shortcut`` ("A" or "B"), ``width`` (multiplier
     of every stage's width), ``in_channels`` and ``zero_init_residual``."""
     builder = _builder(name)
-    valid = model_options(name)
-    for option in options:
-        if option not in valid:
-            raise ValueError(f"{name} has no option {option!r}; its options are: {', '.join(valid)}")
+    check_options(name, num_classes, options)
     return builder(num_classes, **options)
 
 
@@ -548,12 +737,16 @@ __all__ = [
     "MODELS",
     "BasicBlock",
     "Bottleneck",
+    "PreActBlock",
+    "PreActResNet",
     "ResNet",
     "ResNet9",
     "ZeroPadShortcut",
     "build_model",
+    "check_options",
     "count_flops",
     "count_parameters",
+    "make_preact_shortcut",
     "make_shortcut",
     "model_options",
     "shape_trace",
