@@ -20,8 +20,9 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 	touch $@
 
 # Executes every chapter (profile from RESNET_LESSONS_PROFILE, else gpu/cpu by hardware) and renders HTML.
+# RESNET_LESSONS_QUIET=1: a rendered page shows results, not half-drawn progress bars.
 book: $(VENV)/.installed-book
-	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
+	RESNET_LESSONS_QUIET=1 $(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
 	@echo "The book: _build/html/index.html"
 
 # Unit tests, then every chapter under nbval in the smoke profile (conftest.py sets it).

@@ -78,3 +78,10 @@ def test_every_profile_budgets_its_chapters_within_the_bounds_it_promises():
     bounds = {"smoke": 60, "cpu": 300, "gpu": 600}
     for name, profile in PROFILES.items():
         assert 0 < profile.reference_seconds < profile.chapter_seconds <= bounds[name], name
+
+
+def test_quiet_from_the_environment_turns_progress_output_off():
+    assert from_env({"RESNET_LESSONS_PROFILE": "cpu", "RESNET_LESSONS_QUIET": "1"}).profile.quiet
+    assert not from_env({"RESNET_LESSONS_PROFILE": "cpu", "RESNET_LESSONS_QUIET": "0"}).profile.quiet
+    with pytest.raises(SettingsError, match="RESNET_LESSONS_QUIET must be 1"):
+        from_env({"RESNET_LESSONS_PROFILE": "cpu", "RESNET_LESSONS_QUIET": "yes please"})

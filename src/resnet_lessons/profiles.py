@@ -1,7 +1,7 @@
 """Run profiles: how much compute a chapter, a test or a command-line run may use.
 
 This module is the one place that reads the environment (``RESNET_LESSONS_PROFILE``,
-``RESNET_LESSONS_DATA`` and ``RESNET_LESSONS_CHAPTER_SECONDS``). Everything else takes a :class:`Profile` or explicit arguments.
+``RESNET_LESSONS_DATA``, ``RESNET_LESSONS_CHAPTER_SECONDS`` and ``RESNET_LESSONS_QUIET``). Everything else takes a :class:`Profile` or explicit arguments.
 Profiles are frozen: derive a variant with :func:`dataclasses.replace`, never mutate one.
 """
 
@@ -15,6 +15,7 @@ from typing import Mapping
 PROFILE_ENV = "RESNET_LESSONS_PROFILE"
 DATA_ENV = "RESNET_LESSONS_DATA"
 CHAPTER_ENV = "RESNET_LESSONS_CHAPTER_SECONDS"  # a chapter budget other than the profile's (a quick look, a GPU check)
+QUIET_ENV = "RESNET_LESSONS_QUIET"  # 1: no progress output (`make book`: a rendered page shows no half-drawn bars)
 NAMED_SOURCES = ("cifar10", "synthetic")
 
 
@@ -182,7 +183,12 @@ def profile_from_env(env: Mapping[str, str] | None = None, cuda_available: bool 
     env = os.environ if env is None else env
     profile = get_profile(env.get(PROFILE_ENV, "").strip() or default_profile_name(cuda_available))
     raw_seconds = env.get(CHAPTER_ENV, "").strip()
-    return with_chapter_seconds(profile, _seconds(raw_seconds)) if raw_seconds else profile
+    if raw_seconds:
+        profile = with_chapter_seconds(profile, _seconds(raw_seconds))
+    quiet = env.get(QUIET_ENV, "").strip().lower()
+    if quiet not in ("", "0", "1"):
+        raise SettingsError(f"{QUIET_ENV} must be 1 (no progress output) or 0, got {quiet!r}")
+    return replace(profile, quiet=True) if quiet == "1" else profile
 
 
 def from_env(env: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> Settings:
