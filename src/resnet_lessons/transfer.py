@@ -1,7 +1,8 @@
 """The offline transfer experiment of chapter 6 and the tables around it.
 
 Pretrain on some classes (CIFAR-10's six animals), fine-tune on the others (the four vehicles) with few
-labels, against training from scratch on the same labels (:func:`transfer_experiment`); the data helpers it
+labels, against training from scratch on the same labels (:func:`transfer_experiment`), optionally beside
+recipes of their own such as the article's (:data:`ARTICLE_RECIPE`); the data helpers it
 needs (:func:`select_classes`, :func:`few_labels`, :func:`resize`); what feeding 32x32 images to an ImageNet
 ResNet costs (:func:`input_handling_costs`); and how far fine-tuning moves the BatchNorm statistics of the
 pretrained network (:func:`batchnorm_statistics`, :func:`batchnorm_shift`). The fine-tuning itself is
@@ -11,7 +12,7 @@ pretrained network (:func:`batchnorm_statistics`, :func:`batchnorm_shift`). The 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -151,6 +152,39 @@ def steps_config(cfg: train.TrainConfig, n_train: int, min_steps: int) -> train.
     return replace(cfg, batch_size=batch, epochs=max(cfg.epochs, math.ceil(min_steps / steps_per_epoch)))
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A fine-tuning method of its own for :func:`transfer_experiment`: a strategy, changes to the fine-tuning
+    recipe (``TrainConfig`` fields, applied as they are: an ``lr`` here is not scaled by the strategy), and the
+    normalisation of its inputs (None: the pretrained weights' own statistics)."""
+
+    strategy: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        from .finetune import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        unknown = sorted(set(self.changes) - {f.name for f in fields(train.TrainConfig)})
+        if unknown:
+            raise ValueError(f"TrainConfig has no field(s) {unknown}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+
+
+ARTICLE_RECIPE = Recipe(
+    "full",
+    {"optimizer": "adam", "lr": 1e-3, "schedule": "constant", "weight_decay": 0.0, "label_smoothing": 0.0,
+     "crop_padding": 0, "flip": False},
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+)
+"""The article's fine-tuning (its section 5.2), with its head fixed: every layer trains, Adam at a constant 1e-3,
+no weight decay, no augmentation, no label smoothing, inputs normalised with (0.5, 0.5, 0.5), at 32x32."""
+
+
 @dataclass
 class TransferResult:
     """The table (one row per labels fraction and method), every run's history, how far each fine-tuned
@@ -169,7 +203,7 @@ def transfer_experiment(
     fractions: Sequence[float] = (0.01, 0.1),
     strategies: Sequence[str] | Mapping[float, Sequence[str]] = ("linear", "full"),
     lrs: Mapping[str, float] | None = None, min_steps: int = 30, curves_for: float | None = None, device: Any,
-    seed: int = 0,
+    seed: int = 0, recipes: Mapping[str, Recipe] | None = None,
 ) -> TransferResult:
     """Pretrain on some classes (:func:`transfer_classes`), then for each labels fraction fine-tune on the
     other classes with each strategy, and train from scratch on the same few labels.
@@ -181,12 +215,17 @@ def transfer_experiment(
     ``curves_for`` labels (default: the largest fraction) evaluate on val after every epoch, for the curves:
     with a handful of images an epoch is one step, and evaluating after each would cost more than the
     training. ``strategies`` may map a fraction to its own list (for example all four strategies at 10% and
-    two at 1%)."""
+    two at 1%). ``recipes`` names methods of their own (for example ``{"article": ARTICLE_RECIPE}``) that
+    ``strategies`` may then list beside the four strategies; ``lrs`` may override their learning rate too."""
     import pandas as pd
 
     from .evaluate import evaluate
 
     options = dict(model_options or {})
+    recipes = dict(recipes or {})
+    clash = sorted(set(recipes) & {"scratch", *STRATEGY_LR})
+    if clash:
+        raise ValueError(f"recipe names {clash} are taken by the built-in methods; choose other names")
     curves_for = max(fractions) if curves_for is None else curves_for
     source_classes, target_classes = transfer_classes(data.classes)
     source = select_classes(data, source_classes)
@@ -208,16 +247,23 @@ def transfer_experiment(
         for method in ("scratch", *methods):
             torch.manual_seed(seed)
             base = (scratch_cfg or finetune_cfg) if method == "scratch" else finetune_cfg
+            recipe = recipes.get(method)
+            strategy = recipe.strategy if recipe is not None else method
+            if recipe is not None:
+                base = replace(base, **recipe.changes)
             cfg = steps_config(base, len(few.train), min_steps)
-            lr = (lrs or {}).get(method, base.lr * (STRATEGY_LR.get(method, 1.0)))
+            own_lr = recipe is not None and "lr" in recipe.changes
+            lr = (lrs or {}).get(method, base.lr if own_lr else base.lr * (STRATEGY_LR.get(strategy, 1.0)))
             cfg = replace(cfg, lr=lr)
             if method == "scratch":
                 net, run = build_model(model_name, num_classes=len(target_classes), **options), few_run
                 result = train.fit(net, run, cfg, device=device)
             else:
                 ready = pretrained_model(model_name, len(target_classes), weights, new_head=True)
-                net, run = ready.model, with_normalisation(few_run, weights.mean, weights.std)
-                result = finetune(net, run, cfg, strategy=method, device=device, new_modules=ready.new_modules)
+                mean, std = ((recipe.mean, recipe.std) if recipe is not None and recipe.mean is not None
+                             else (weights.mean, weights.std))
+                net, run = ready.model, with_normalisation(few_run, mean, std)
+                result = finetune(net, run, cfg, strategy=strategy, device=device, new_modules=ready.new_modules)
                 shifts[(fraction, method)] = batchnorm_shift(pretrained_stats, batchnorm_statistics(net))
             scores = evaluate(net, target[split].images, target[split].labels, classes=target.classes,
                               mean=run.mean, std=run.std, device=device)
@@ -229,9 +275,11 @@ def transfer_experiment(
 
 
 __all__ = [
+    "ARTICLE_RECIPE",
     "CIFAR10_ANIMALS",
     "CIFAR10_VEHICLES",
     "INPUT_HANDLING",
+    "Recipe",
     "TransferResult",
     "batchnorm_shift",
     "batchnorm_statistics",
