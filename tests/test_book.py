@@ -185,3 +185,15 @@ def test_a_damaged_or_foreign_cache_entry_is_rebuilt_not_trusted(tmp_path, damag
     assert again.trained_now
     assert checkpoints.load(path).extra["reference_key"] == book.reference_key(
         session.profile, session.data, book.reference_recipe(session.profile))
+
+
+def test_a_reference_model_that_trained_less_than_an_epoch_is_not_cached(tmp_path):
+    from dataclasses import replace
+
+    from tiny import tiny_data
+
+    session = _tiny_session()
+    session.settings = replace(session.settings, profile=replace(session.profile, reference_seconds=0.05))
+    session.data = tiny_data(per_class=80, size=16)  # 50 steps an epoch: more than 0.05 s allows
+    first = book.reference_model(session, cache_dir=tmp_path)
+    assert first.trained_now and first.epochs < 1 and not first.path.exists()

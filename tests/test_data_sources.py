@@ -340,3 +340,14 @@ def test_a_hung_host_times_out(tmp_path, fake_cifar, monkeypatch):
             sources._cifar10(tmp_path, 32, True, timeout=0.5)
     finally:
         server.close()
+
+
+def test_every_split_comes_in_a_seeded_random_order_not_class_by_class(tmp_path):
+    """A folder lists its images class by class; a split's first images must still be a sample of all classes."""
+    make_tree(tmp_path / "imgs", splits=None, per_class=12)
+    d = data.load(tmp_path / "imgs", val_per_class=4, cache_dir=tmp_path / "cache", seed=0)
+    for split in (d.train, d.val):
+        first_half = split.labels[: len(split) // 2]
+        assert set(first_half.tolist()) == {0, 1, 2}, split.labels.tolist()
+    again = data.load(tmp_path / "imgs", val_per_class=4, cache_dir=tmp_path / "cache", seed=0)
+    assert torch.equal(again.train.labels, d.train.labels) and torch.equal(again.val.images, d.val.images)

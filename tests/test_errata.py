@@ -159,3 +159,26 @@ def test_block_gradient_has_the_identity_term():
     result = check_block_gradient(block, torch.randn(2, 8, 8, 8))
     assert result["max error: y = F(x) + x"] < 1e-5
     assert result["norm: dL/dx (autograd)"] > 0
+
+
+# 16
+def test_a_block_can_widen_and_stride():
+    from resnet_lessons.models import make_shortcut
+
+    x = torch.zeros(2, 16, 8, 8)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1)  # the article's block: stride 1, no shortcut
+    with pytest.raises(RuntimeError, match="must match"):
+        conv(x).add_(x)
+    block = BasicBlock(16, 32, stride=2, downsample=make_shortcut(16, 32, 2, "B"))
+    assert block(x).shape == (2, 32, 4, 4)
+    assert build_model("resnet20").layer2[0](torch.zeros(1, 16, 32, 32)).shape == (1, 32, 16, 16)
+
+
+# 17
+def test_no_convolution_of_the_library_has_a_bias():
+    from resnet_lessons.models import MODELS
+
+    with_bias = [f"{name}.{module_name}" for name in MODELS
+                 for module_name, module in build_model(name).named_modules()
+                 if isinstance(module, torch.nn.Conv2d) and module.bias is not None]
+    assert with_bias == []

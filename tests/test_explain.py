@@ -109,6 +109,22 @@ def test_saliency_of_a_linear_model_is_its_weights() -> None:
     torch.testing.assert_close(result, expected.expand(2, 4, 4))
 
 
+def test_rank_correlation_matches_scipy_with_ties() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (5, 4, 4), generator=generator).float()  # many ties, as in a ReLU'd 4x4 map
+    b = torch.randint(0, 4, (5, 4, 4), generator=generator).float()
+    ours = explain.rank_correlation(a, b)
+    for i in range(5):
+        expected = stats.spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy()).statistic
+        assert ours[i].item() == pytest.approx(expected)
+    assert explain.rank_correlation(a, a).tolist() == pytest.approx([1.0] * 5)
+    assert explain.rank_correlation(a, -a).tolist() == pytest.approx([-1.0] * 5)
+    assert torch.isnan(explain.rank_correlation(torch.zeros(1, 4), torch.arange(4.0)[None])).all()
+    with pytest.raises(ValueError, match="one shape"):
+        explain.rank_correlation(a, b[:, :2])
+
+
 def test_penultimate_features_use_features_or_the_fc_input() -> None:
     torch.manual_seed(0)
     model = build_model("resnet8")

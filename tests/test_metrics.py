@@ -91,7 +91,7 @@ def test_confident_mistakes_by_hand() -> None:
     assert table["p_label"].iloc[0] == pytest.approx(probs[expected[0], labels[expected[0]]].item())
 
 
-def test_flip_tta_averages_probabilities_of_image_and_mirror() -> None:
+def test_flip_tta_averages_the_logits_of_image_and_mirror() -> None:
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=generator)
     weight = torch.randn(3 * 6 * 6, 4, generator=generator)
@@ -100,11 +100,46 @@ def test_flip_tta_averages_probabilities_of_image_and_mirror() -> None:
         return batch.float().flatten(1) @ weight / 255
 
     combined = metrics.flip_tta(predict, images)
-    expected = (predict(images).softmax(1) + predict(images.flip(-1)).softmax(1)) / 2
-    torch.testing.assert_close(combined.softmax(1), expected)
+    torch.testing.assert_close(combined, (predict(images) + predict(images.flip(-1))) / 2)
     torch.testing.assert_close(metrics.flip_tta(predict(images), predict(images.flip(-1))), combined)
+    # the one rule: a sum of logits has the same argmax, so the same accuracy
+    assert torch.equal(combined.argmax(1), (predict(images) + predict(images.flip(-1))).argmax(1))
     with pytest.raises(ValueError, match="share one shape"):
         metrics.average_logits(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.average_logits()
+
+
+def test_speed_benchmark_uses_the_same_tta_rule() -> None:
+    speed = pytest.importorskip("resnet_lessons.speed")
+    assert speed.average_logits is metrics.average_logits
+
+
+def test_accuracy_se_by_hand() -> None:
+    assert metrics.accuracy_se(0.9, 10_000) == pytest.approx(0.003)  # sqrt(0.9 * 0.1 / 10,000)
+    assert metrics.accuracy_se(0.5, 100) == pytest.approx(0.05)
+    assert metrics.accuracy_se(1.0, 50) == 0.0
+    # it is the spread of the accuracy of a fixed model over test sets drawn afresh
+    generator = torch.Generator().manual_seed(0)
+    draws = (torch.rand(4_000, 400, generator=generator) < 0.8).double().mean(dim=1)
+    assert draws.std().item() == pytest.approx(metrics.accuracy_se(0.8, 400), rel=0.05)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        metrics.accuracy_se(1.2, 10)
+    with pytest.raises(ValueError, match="at least one image"):
+        metrics.accuracy_se(0.5, 0)
+
+
+def test_paired_difference_by_hand() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    a = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 1, 1, 0, 0]), 2).float()  # 4 of 8 right
+    b = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1, 1, 1, 1, 0]), 2).float()  # 6 of 8 right
+    diff, se = metrics.paired_difference(a, b, labels)
+    d = np.array([0, 0, 1, 0, 0, 0, 1, 0], dtype=float)  # b right and a wrong on images 2 and 6, never the reverse
+    assert diff == pytest.approx(metrics.accuracy(b, labels) - metrics.accuracy(a, labels)) == pytest.approx(0.25)
+    assert se == pytest.approx(d.std() / math.sqrt(8))
+    assert metrics.paired_difference(a, a, labels) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="share one shape"):
+        metrics.paired_difference(a, torch.zeros(8, 3), labels)
 
 
 def binary_logits(confidence: torch.Tensor) -> torch.Tensor:

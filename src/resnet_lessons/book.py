@@ -303,7 +303,7 @@ def _load_reference(path: Path, key: str) -> checkpoints.Checkpoint | None:
 def reference_model(session: Session, *, cache_dir: str | Path | None = None) -> Reference:
     """The profile's reference model on this session's data: loaded from the cache when a whole file made by
     the same profile, data and recipe is there, else trained (within ``profile.reference_seconds``) and cached
-    under ``cache_dir`` (default ``~/.cache/resnet_lessons/reference``)."""
+    under ``cache_dir`` (default ``~/.cache/resnet_lessons/reference``) when it trained at least one epoch."""
     if session.data is None:
         raise ValueError("the reference model needs data: call book.setup(...) with with_data=True")
     profile, data = session.profile, session.data
@@ -328,6 +328,7 @@ def reference_model(session: Session, *, cache_dir: str | Path | None = None) ->
         std=data.std, history=result.history,
         extra={"reference_key": key, "seconds": result.seconds, "epochs": result.epochs_trained,
                "profile": profile.name, "recipe": cfg.as_dict()})
-    checkpoints.save(payload, path)
+    if result.epochs_trained >= 1:  # a busy machine's fraction of an epoch is used here, never cached for the rest
+        checkpoints.save(payload, path)
     return Reference(model=model.eval(), history=result.history, cfg=cfg, path=path, trained_now=True,
                      seconds=result.seconds, epochs=result.epochs_trained)

@@ -21,6 +21,18 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.to(torch.float32) / 255.0 - mean_t) / std_t
 
 
+def random_order(n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random permutation of ``range(n)`` (int64), for taking a sample of a split.
+
+    A split can be stored sorted by class (the JPEG copy of CIFAR-10 is), so its first ``k`` images are not a
+    sample of it: they may all be airplanes. The first ``k`` entries of this order are a uniform random sample,
+    and two disjoint slices of it are two disjoint samples.
+    """
+    if n < 0:
+        raise ValueError(f"n must be at least 0, got {n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def infer(
     model: nn.Module,
@@ -102,4 +114,4 @@ def evaluate(
     return metrics_from_logits(logits, labels, classes)
 
 
-__all__ = ["EvalResult", "evaluate", "infer", "metrics_from_logits", "normalise"]
+__all__ = ["EvalResult", "evaluate", "infer", "metrics_from_logits", "normalise", "random_order"]

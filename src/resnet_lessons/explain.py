@@ -130,6 +130,31 @@ def saliency(
     return gradient.abs().amax(dim=1)
 
 
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor; tied values share the mean of their ranks (as scipy's ``rankdata``)."""
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts  # values strictly smaller than each distinct value
+    return (below + (counts + 1) / 2).to(torch.float64)[inverse]
+
+
+def rank_correlation(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of each pair of maps ``[B, ...]`` (one number per image, NaN for a constant map).
+
+    The similarity measure of the sanity checks of Adebayo et al. (2018): the map of a trained network and the
+    map of the same network with random weights should *not* be similar, or the map does not show what the
+    network learned.
+    """
+    if maps_a.shape != maps_b.shape or maps_a.ndim < 2:
+        raise ValueError(f"need two batches of maps of one shape [B, ...]; got {tuple(maps_a.shape)} and "
+                         f"{tuple(maps_b.shape)}")
+    out = []
+    for a, b in zip(maps_a.detach().cpu().flatten(1), maps_b.detach().cpu().flatten(1)):
+        ra, rb = _average_ranks(a) - (len(a) + 1) / 2, _average_ranks(b) - (len(b) + 1) / 2
+        denominator = (ra.square().sum() * rb.square().sum()).sqrt()
+        out.append((ra * rb).sum() / denominator if denominator > 0 else torch.tensor(float("nan")))
+    return torch.stack(out).to(torch.float64)
+
+
 def stage_names(model: nn.Module) -> list[str]:
     """The stages of a ResNet (``layer1``, ``layer2``, ...), or the model's top-level children otherwise."""
     names = getattr(model, "stage_names", None)
@@ -393,6 +418,7 @@ __all__ = [
     "nearest_neighbours",
     "penultimate_features",
     "precision_at_k",
+    "rank_correlation",
     "saliency",
     "search",
     "stage_names",

@@ -58,6 +58,37 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> fl
     return float((top == labels[:, None]).any(dim=1).float().mean())
 
 
+def accuracy_se(p: float, n: int) -> float:
+    """Binomial standard error ``sqrt(p (1 - p) / n)`` of an accuracy ``p`` (0-1) measured on ``n`` images.
+
+    It is the spread that the accuracy would show over test sets of ``n`` images drawn like this one, with the
+    model fixed; it leaves out the spread over training runs (seeds), which only several runs can measure.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"an accuracy is between 0 and 1, got {p}")
+    if n < 1:
+        raise ValueError(f"a standard error needs at least one image, got n = {n}")
+    return math.sqrt(p * (1 - p) / n)
+
+
+def paired_difference(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, float]:
+    """Accuracy of ``b`` minus accuracy of ``a`` on the same images, and the standard error of that difference.
+
+    Per image ``d = right_b - right_a`` is -1, 0 or 1; the difference is ``mean(d)`` and its standard error
+    ``std(d) / sqrt(n)`` (population std). Only the images on which the two disagree count, so on the same
+    images this is much smaller than the error of two independent accuracies.
+    """
+    logits_a, labels = _check(logits_a, labels)
+    logits_b, _ = _check(logits_b, labels)
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"logits to compare must share one shape; got {tuple(logits_a.shape)} and "
+                         f"{tuple(logits_b.shape)}")
+    d = (logits_b.argmax(1) == labels).double() - (logits_a.argmax(1) == labels).double()
+    return float(d.mean()), float(d.std(correction=0) / math.sqrt(len(d)))
+
+
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """int64 ``[C, C]``: row = true class, column = predicted class (scikit-learn's convention)."""
     labels, preds = labels.long().cpu(), preds.long().cpu()
@@ -128,26 +159,32 @@ def confident_mistakes(
 
 
 def average_logits(*logits: torch.Tensor) -> torch.Tensor:
-    """Logits of the averaged class probabilities: ``log(mean_i softmax(logits_i))``.
+    """The book's one test-time-augmentation rule: the mean of the views' logits, ``mean_i logits_i``.
 
-    Averaging probabilities (not raw logits) is the usual test-time-augmentation rule; returning
-    their logarithm keeps the result usable wherever logits are (argmax, softmax, cross-entropy).
+    Chapter 7's flip TTA (:func:`flip_tta`), chapter 14's speed benchmark (``speed.flip_tta_accuracy``) and
+    the ladder of ``bench/`` all combine views through this function.
     """
+    # Why the mean of the logits, not of the probabilities (VGG's rule, also common): it is the rule of airbench,
+    # the CIFAR-10 speed benchmark that chapter 14 compares with (``0.5 * net(x) + 0.5 * net(x.flip(-1))``); a
+    # sum has the same argmax, so "sum" and "mean" give exactly the same accuracy; the result is still logits
+    # on their usual scale (softmax of the mean is the normalised geometric mean of the views' probabilities),
+    # so softmax, cross-entropy and temperature scaling apply unchanged; and it is one addition on the device,
+    # also under autocast. Where the views agree the two rules give the same class; they can differ only on
+    # images whose views disagree.
     if not logits:
         raise ValueError("average_logits needs at least one logits tensor")
     shapes = {tuple(t.shape) for t in logits}
     if len(shapes) != 1:
         raise ValueError(f"logits to average must share one shape; got {sorted(shapes)}")
-    probs = torch.stack([t.float().softmax(dim=1) for t in logits]).mean(dim=0)
-    return probs.clamp_min(1e-12).log()
+    return torch.stack([t.float() for t in logits]).mean(dim=0)
 
 
 def flip_tta(predict_or_logits: Predict | torch.Tensor, images_or_flipped: torch.Tensor) -> torch.Tensor:
-    """Flip test-time augmentation: average the predictions for each image and its mirror image.
+    """Flip test-time augmentation: the logits of each image and of its mirror image, averaged.
 
     Either ``flip_tta(predict, images)`` with ``predict`` uint8 images -> logits, which predicts the
     images and their horizontal flips; or ``flip_tta(logits, flipped_logits)`` when both were
-    computed already. Returns logits (see :func:`average_logits`).
+    computed already. Returns logits (:func:`average_logits`, the book's one rule).
     """
     if callable(predict_or_logits):
         images = images_or_flipped
@@ -326,6 +363,7 @@ __all__ = [
     "CORRUPTIONS",
     "SEVERITIES",
     "accuracy",
+    "accuracy_se",
     "apply_temperature",
     "average_logits",
     "confident_mistakes",
@@ -336,6 +374,7 @@ __all__ = [
     "fit_temperature",
     "flip_tta",
     "nll",
+    "paired_difference",
     "per_class_table",
     "reliability_bins",
     "top_k_accuracy",

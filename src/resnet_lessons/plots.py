@@ -574,7 +574,7 @@ def recall_by_class(table: "pd.DataFrame", methods: Sequence[str] | None = None,
 _SUMMARY_ROWS = ("balanced accuracy", "head (most frequent third)", "tail (rarest third)")
 
 
-# --- performance (chapter 13) ----------------------------------------------------------------------
+# --- performance (chapter 14) ----------------------------------------------------------------------
 
 
 def speedup_bars(table: "pd.DataFrame", *, ax: Axes | None = None, title: str | None = None) -> Figure:

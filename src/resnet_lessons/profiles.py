@@ -39,7 +39,7 @@ class Profile:
     seed: int  # one seed for data splits, initialisation and shuffling
     quiet: bool  # no progress bars (tests, CI logs)
     chapter_seconds: float  # wall-clock budget of one chapter, set-up to last cell; its training runs share it
-    reference_seconds: float  # training budget of the reference model that chapters 7-9 and 12 study
+    reference_seconds: float  # training budget of the reference model that chapters 7, 8, 9, 12 and 13 study
     model_options: dict[str, object] = field(default_factory=dict)  # build_model keyword arguments
     precision: str = "auto"  # TrainConfig.precision: "auto" is bf16 where the hardware computes it natively
 

@@ -2,8 +2,9 @@
 
 :func:`measure_throughput` times the steady state of the training step of :func:`resnet_lessons.train.fit`
 (autocast, ``GradScaler`` for fp16, channels_last, ``torch.compile``, SGD) on random images, after warm-up
-steps that pay for compiling and for the allocator; ``bench/throughput.py`` and chapter 13 both use it.
-:func:`flip_tta_accuracy` scores a model with and without averaging over horizontal flips.
+steps that pay for compiling and for the allocator; ``bench/throughput.py`` and chapter 14 both use it.
+:func:`flip_tta_accuracy` scores a model with and without flip test-time augmentation, combined by the book's one
+rule (:func:`resnet_lessons.metrics.average_logits`, as in chapter 7).
 :func:`find_result` reads a ``bench/results/*.json`` file of the repository checkout, if there is one.
 """
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
+from .metrics import average_logits
 from .runtime import PRECISIONS
 
 LOADERS = ("device", "dataloader")
@@ -140,7 +142,8 @@ def flip_tta_accuracy(
     device: str | torch.device = "cpu", batch_size: int = 1000, channels_last: bool = False, precision: str = "fp32",
 ) -> tuple[float, float]:
     """Accuracy of ``model`` on uint8 ``images``: plain, and with flip test-time augmentation (the logits of
-    each image and of its mirror image averaged). The model is put back in the mode it was in."""
+    each image and of its mirror image averaged by :func:`~resnet_lessons.metrics.average_logits`, the rule of
+    chapter 7). The model is put back in the mode it was in."""
     device = torch.device(device)
     scale = 1.0 / (255.0 * torch.tensor(std, device=device).view(1, 3, 1, 1))
     shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * scale * 255.0
@@ -157,7 +160,7 @@ def flip_tta_accuracy(
                 logits = model(x).float()
                 mirrored = model(torch.flip(x, dims=(3,))).float()
             correct[0] += (logits.argmax(1) == y).sum()
-            correct[1] += ((logits + mirrored).argmax(1) == y).sum()
+            correct[1] += (average_logits(logits, mirrored).argmax(1) == y).sum()
     finally:
         model.train(was_training)
     n = max(1, int(images.shape[0]))

@@ -169,6 +169,12 @@ def _carve_val(train: ImageSet, per_class: int, seed: int) -> tuple[ImageSet, Im
     return train.subset(rest), train.subset(held)
 
 
+def _shuffled(split: ImageSet, seed: int) -> ImageSet:
+    """``split`` in one seeded random order. Folders and zips list their images class by class, so without it a
+    split's first n images would all be of one class; with it, any prefix is a fair sample."""
+    return split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 2)))
+
+
 def _is_cifar10_jpeg(splits: dict[str, ImageSet]) -> bool:
     train = splits.get("train")
     return (set(splits) == {"train"} and train.classes == CIFAR10_CLASSES and len(train) == 50_000
@@ -232,6 +238,6 @@ def load(
                      "from the official release); figures on it are validation accuracy on the JPEG copy")
     if train_per_class is not None and "train" in splits:
         splits["train"] = splits["train"].subset(take_per_class(splits["train"].labels, train_per_class, seed + 1))
-    ordered = {k: splits[k] for k in sorted(splits, key=lambda s: (SPLIT_ORDER + (s,)).index(s))}
+    ordered = {k: _shuffled(splits[k], seed) for k in sorted(splits, key=lambda s: (SPLIT_ORDER + (s,)).index(s))}
     mean, std = channel_stats(ordered.get("train", next(iter(ordered.values()))).images)
     return DataSplits(source=name, splits=ordered, mean=mean, std=std, notes=tuple(notes))
