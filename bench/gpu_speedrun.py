@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                      "scored_images": len(scored), "label": label, "notes": list(data.notes)},
             "model": {"name": "resnet18", **cfg.model_options},
             "recipe": {k: v for k, v in cfg.as_dict().items() if k != "epochs"},
-            "tta": "horizontal flip: logits of the image and of its mirror image summed",
+            "tta": "horizontal flip: logits of the image and of its mirror image averaged (metrics.average_logits)",
             "timing": "time_to = fit's wall clock to the end of the first epoch whose flip-TTA accuracy reaches the "
                       "target, less the evaluations; data loading and the compiling warm-up are apart",
             **runtime_s,

@@ -20,8 +20,8 @@ the same way: by ``fit``'s validation pass after its last epoch (eval mode, insi
 5. ``bf16``: bf16 autocast and channels_last where the CPU computes bf16 natively (``precision="auto"``): a
    speed feature, not a correction, and the last difference between rung 4 and the book's CPU recipe. Where the
    CPU has no bf16 instructions it changes nothing and is not trained again.
-6. ``flip_tta``: test-time flips (evaluation only): rung 5's models, each image's class probabilities averaged
-   with its mirror image's (``metrics.flip_tta``).
+6. ``flip_tta``: test-time flips (evaluation only): rung 5's models, each image's logits averaged with its
+   mirror image's (``metrics.flip_tta``, the book's one rule).
 
 The last trained rung is the ``cpu`` profile's recipe (``common.CPU_RECIPE``), checked when the script starts.
 Writes ``bench/results/ladder.json`` (after every rung, so a run cut short keeps what it measured): per rung the
@@ -87,8 +87,8 @@ NOTES = {
     "evaluation": "Every rung is scored by fit's own validation pass after its last epoch, inside the budget: eval "
                   "mode (the article's missing model.eval(), erratum 9, is fixed on every rung), the rung's "
                   "precision, exact fractions (erratum 11). flip_tta scores the previous rung's models again (after "
-                  "the budget), averaging each image's class probabilities with its mirror image's "
-                  "(metrics.flip_tta); val_accuracy_without_flip is the same pass without the mirror images.",
+                  "the budget), averaging each image's logits with its mirror image's "
+                  "(metrics.flip_tta, the book's one rule); val_accuracy_without_flip is the same pass without the mirror images.",
     "normalisation": "Every rung standardises with the training split's per-channel mean and std; the article's "
                      "(0.5, 0.5, 0.5) would differ only by a per-channel affine map, which the BatchNorm after "
                      "the first convolution undoes in training mode (chapter 2), so it is not a rung.",

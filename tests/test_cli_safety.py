@@ -24,6 +24,7 @@ from PIL import Image
 from resnet_lessons import _files, checkpoints, cli, data
 from resnet_lessons.data import DataError, make_synthetic
 from resnet_lessons.models import build_model
+from clirun import run_cli
 
 CLASSES = ("disc", "square")
 TESTS = Path(__file__).parent
@@ -45,19 +46,6 @@ def write_images(root: Path, per_class: int, classes=CLASSES, seed: int = 3) -> 
 def folder(tmp_path_factory):
     """90 PNGs per class: the smoke profile carves 50 per class for val, leaving one batch of 80 to train on."""
     return write_images(tmp_path_factory.mktemp("images"), 90)
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def train_args(folder, out, *extra):

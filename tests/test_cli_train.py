@@ -13,6 +13,7 @@ from PIL import Image
 
 from resnet_lessons import checkpoints, cli
 from resnet_lessons.data import make_synthetic
+from clirun import run_cli
 
 CLASSES = ("disc", "square")
 
@@ -29,19 +30,6 @@ def folder(tmp_path_factory):
             target.mkdir(exist_ok=True)
             Image.fromarray(images.images[index].permute(1, 2, 0).numpy()).save(target / f"{index:04d}.png")
     return root
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

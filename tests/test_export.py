@@ -16,13 +16,6 @@ from resnet_lessons.models import build_model
 CLASSES = tuple(f"class{i}" for i in range(10))
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def images():
     """Synthetic images (the smoke profile's stand-in): 40 per class, uint8 [400, 3, 32, 32], and labels."""

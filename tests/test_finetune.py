@@ -16,6 +16,7 @@ from resnet_lessons.data import make_synthetic
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig
 from tiny import tiny_data
+from clirun import run_cli
 
 
 DATA = tiny_data()
@@ -297,18 +298,6 @@ def folder(tmp_path_factory):
             target.mkdir(exist_ok=True)
             Image.fromarray(images.images[index].permute(1, 2, 0).numpy()).save(target / f"{index:04d}.png")
     return root
-
-
-def run_cli(capsys, *argv):
-    from resnet_lessons import cli
-
-    threads = torch.get_num_threads()
-    try:
-        code = cli.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_finetune_command_writes_what_train_writes_and_evaluate_and_predict_read_it(tmp_path, folder, capsys):

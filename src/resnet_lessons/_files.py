@@ -162,16 +162,7 @@ def check_writable(folder: str | os.PathLike) -> None:
     """Create ``folder`` if needed and make sure files can be written into it; else an ``OSError``
     naming it. The probe is a fresh temporary file (``O_EXCL``), so a planted link is never written."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise NotADirectoryError(f"the output folder {folder} is a file") from None
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write into the output folder {folder} (it cannot be created: {reason(error)})"
-        ) from None
-    if not folder.is_dir():
-        raise NotADirectoryError(f"the output folder {folder} is a file")
+    _make_folders(folder)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{WRITE_PROBE}.", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as error:
@@ -213,6 +204,8 @@ def _make_folders(folder: Path) -> list[Path]:
         missing.append(candidate)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"the output folder {folder} is a file") from None
     except OSError as error:
         raise PermissionError(
             f"cannot write into the output folder {folder} (it cannot be created: {reason(error)})"

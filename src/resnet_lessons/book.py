@@ -198,10 +198,9 @@ def finish(session: Session) -> None:
 
 def describe_run(result: train.FitResult) -> str:
     """How much a budgeted run trained, in words: epochs (fractional), seconds, and why it stopped."""
-    epochs = result.epochs_trained
-    text = f"{epochs:.1f} epochs in {result.seconds:.0f} s"
-    if epochs < 1:
-        text += " (the budget was smaller than one epoch: this network saw part of the training split once)"
+    text = f"{result.epochs_trained:.1f} epochs in {result.seconds:.0f} s"
+    if result.short_budget:
+        text += f" ({result.short_budget})"
     elif result.stopped == "early_stopping":
         text += " (stopped early)"
     return text

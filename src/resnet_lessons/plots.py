@@ -124,10 +124,12 @@ def jacobian_panels(j_block: torch.Tensor, j_branch: torch.Tensor) -> Figure:
 
 def degradation_curves(curves: "pd.DataFrame", *, metric: str = "train_accuracy") -> Figure:
     """Training error (1 - ``metric``) per epoch in two panels, plain networks left and residual ones
-    right, as in He et al. (2016), Figure 6. ``curves`` has columns ``model``, ``epoch`` and ``metric``."""
+    (pre-activation ones too) right, as in He et al. (2016), Figure 6. ``curves`` has columns ``model``,
+    ``epoch`` and ``metric``."""
     fig, axes = subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, kind in zip(axes, ("plain", "resnet")):
-        for model, rows in curves[curves["model"].str.startswith(kind)].groupby("model", sort=False):
+        residual = ~curves["model"].str.startswith("plain")
+        for model, rows in curves[residual if kind == "resnet" else ~residual].groupby("model", sort=False):
             ax.plot(rows["epoch"], 100 * (1 - rows[metric]), marker="o", label=str(model),
                     linestyle="--" if kind == "plain" else "-")
         ax.set_title("plain networks" if kind == "plain" else "residual networks")
@@ -613,5 +615,25 @@ def accuracy_over_time(curves: "Mapping[str, pd.DataFrame]", *, targets: Sequenc
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def ladder(rungs: "Sequence[Mapping]", *, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """What each correction buys (``bench/ladder.py``): one row per rung, its mean validation accuracy as a bar,
+    every seed as a dot, from the article's recipe (top) to the book's (bottom)."""
+    fig, ax = figure_and_axes(ax, (7, 0.45 * len(rungs) + 1.2))
+    names = [f"{rung['rung']}. {rung['id'].replace('_', ' ')}" for rung in rungs]
+    positions = range(len(rungs))
+    ax.barh(positions, [rung["mean"] for rung in rungs], color="#9ecae1")
+    for y, rung in zip(positions, rungs):
+        ax.plot(rung["values"], [y] * len(rung["values"]), "o", color="#08519c", markersize=4)
+        ax.text(rung["mean"] + 0.01, y, f"{rung['mean']:.3f}", va="center", fontsize=8)
+    ax.set_yticks(list(positions), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("validation accuracy (bar: mean over seeds; dots: each seed)")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig

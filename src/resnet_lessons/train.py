@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace  # replace: derive a config, train.replace(cfg, lr=0.1)
 from functools import partial
 from pathlib import Path
@@ -116,6 +117,14 @@ class FitResult:
     def epochs_trained(self) -> float:
         """Passes over the training split, fractional: below 1 when a budget ended the first epoch."""
         return self.steps / self.steps_per_epoch if self.steps_per_epoch else float(len(self.history))
+
+    @property
+    def short_budget(self) -> str | None:
+        """What to tell the reader when a time budget ended the run inside its first epoch, else None."""
+        if self.stopped not in ("budget", "over_budget") or self.epochs_trained >= 1:
+            return None
+        return (f"the time budget allowed {self.steps} of the {self.steps_per_epoch} steps of one epoch: this model "
+                f"saw {self.epochs_trained:.0%} of the training split once, so it is barely trained")
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -432,6 +441,8 @@ def fit(
         steps_per_epoch=steps_per_epoch,
     )
     model.eval()
+    if result.short_budget:
+        warnings.warn(result.short_budget, stacklevel=2)
     _call(hooks, "on_fit_end", result)
     return result
 
