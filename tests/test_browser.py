@@ -181,9 +181,14 @@ def _test_build() -> bool:
 
 @pytest.mark.parametrize("name", CHAPTERS)
 def test_every_chapter_ends_with_its_own_measured_time(page, site, name):
+    """Within its budget in the published edition; a test build (smoke: 30 s budgets on a shared CI machine) may
+    run over, but never past the 60 s a smoke chapter may take."""
     _open(page, site, name)
     text = page.locator("article").inner_text()
-    assert re.search(r"This chapter ran in \d+ s, within its budget of \d+ s", text), name
+    found = re.search(r"This chapter ran in (\d+) s, (within|OVER) its budget of (\d+) s", text)
+    assert found, f"{name} does not show its own time"
+    seconds, budget = int(found.group(1)), int(found.group(3))
+    assert seconds <= (60 if _test_build() else budget), f"{name} ran {seconds} s (budget {budget} s)"
 
 
 def test_the_introduction_lists_every_chapters_time_from_this_build(page, site):
