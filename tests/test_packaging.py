@@ -58,3 +58,19 @@ def test_readme_gives_the_two_commands():
     assert "make book" in readme and "make test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make book" in ci
+
+
+def test_the_published_edition_is_built_in_the_cpu_profile_checked_in_a_browser_and_deployed():
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    build, deploy = workflow["jobs"]["build"], workflow["jobs"]["deploy"]
+    assert build["env"]["RESNET_LESSONS_PROFILE"] == "cpu" and build["env"]["RESNET_LESSONS_DATA"] == "cifar10"
+    runs = [step.get("run", "") for step in build["steps"]]
+    uses = [step.get("uses", "") for step in build["steps"]]
+    book = next(i for i, run in enumerate(runs) if run.startswith("make book"))
+    browser = next(i for i, run in enumerate(runs) if run.startswith("make test-browser"))
+    assert book < browser < uses.index("actions/upload-pages-artifact@v3")
+    assert any(u.startswith("actions/cache") for u in uses), "CIFAR-10's download is cached between runs"
+    assert deploy["needs"] == "build" and deploy["steps"][0]["uses"].startswith("actions/deploy-pages")
+    assert deploy["permissions"] == {"pages": "write", "id-token": "write"}
