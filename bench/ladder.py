@@ -32,7 +32,6 @@ trained, and hardware, versions and date. Prints a table.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ import common
 from resnet_lessons import runtime
 from resnet_lessons.data import DataError, DataUnavailable
 from resnet_lessons.evaluate import infer
-from resnet_lessons.metrics import flip_tta
+from resnet_lessons.metrics import accuracy_se, flip_tta
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig, fit, replace, resolve_precision
 
@@ -186,7 +185,7 @@ def summarise(rung: Rung, index: int, runs: list[dict[str, Any]], n_val: int, pr
         "precision": resolve_precision(cfg.precision, torch.device("cpu")) if cfg is not None else None,
         "trained": trained,
         **values,  # mean, std, min, max, values
-        "binomial_se": math.sqrt(mean * (1 - mean) / n_val) if mean is not None and n_val else None,
+        "binomial_se": accuracy_se(mean, n_val) if mean is not None and n_val else None,
         "gain": round(mean - previous["mean"], 12) + 0.0 if previous is not None else None,  # + 0.0: no "-0.0000"
         "epochs": epochs,
         "epochs_mean": sum(epochs) / len(epochs) if epochs else None,

@@ -28,7 +28,6 @@ it runs, ``"complete": false``) with the error next to the paper's and hardware,
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import common
 from resnet_lessons import runtime
 from resnet_lessons.data import DataError, DataSplits, DataUnavailable
 from resnet_lessons.evaluate import infer
+from resnet_lessons.metrics import accuracy_se
 from resnet_lessons.models import build_model, count_parameters
 from resnet_lessons.optim import TrainConfig, schedule_curve
 from resnet_lessons.train import fit, replace
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({
         "error_percent": error,
         "accuracy": accuracy,
-        "binomial_se_percent": 100 * math.sqrt(accuracy * (1 - accuracy) / len(scored)),
+        "binomial_se_percent": 100 * accuracy_se(accuracy, len(scored)),
         "difference_points": error - paper if paper is not None else None,
         "train_seconds": seconds,
         "images_per_s": (result.images_seen + (warm_result.images_seen if warm_result else 0)) / seconds,

@@ -196,16 +196,6 @@ def finish(session: Session) -> None:
     _show(f"<p class='resnet-lessons-time'>{html.escape(text)}</p>", text)
 
 
-def describe_run(result: train.FitResult) -> str:
-    """How much a budgeted run trained, in words: epochs (fractional), seconds, and why it stopped."""
-    text = f"{result.epochs_trained:.1f} epochs in {result.seconds:.0f} s"
-    if result.short_budget:
-        text += f" ({result.short_budget})"
-    elif result.stopped == "early_stopping":
-        text += " (stopped early)"
-    return text
-
-
 def _describe_data(session: Session) -> str:
     if session.data is None:
         return f"{session.source} (not loaded)"

@@ -13,24 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import random_order  # re-exported: the chapters sample held-out images with it
+
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``[N, 3, H, W]`` (0-255) to float32, scaled to 0-1 and standardised per channel."""
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.to(torch.float32) / 255.0 - mean_t) / std_t
-
-
-def random_order(n: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random permutation of ``range(n)`` (int64), for taking a sample of a split.
-
-    A split can be stored sorted by class (the JPEG copy of CIFAR-10 is), so its first ``k`` images are not a
-    sample of it: they may all be airplanes. The first ``k`` entries of this order are a uniform random sample,
-    and two disjoint slices of it are two disjoint samples.
-    """
-    if n < 0:
-        raise ValueError(f"n must be at least 0, got {n}")
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

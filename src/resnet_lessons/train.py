@@ -17,6 +17,7 @@ The loop knows nothing of notebooks or plots: chapters watch it through hooks.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace  # replace: derive a config, train.replace(cfg, lr=0.1)
@@ -559,8 +560,6 @@ def _diverged(epoch: int, batch_index: int, step: int, lr: float, checkpoint_pat
 
 def _progress_bars() -> bool:
     """Progress bars only where someone watches them: a terminal or a notebook (not a log file)."""
-    import sys
-
     if getattr(sys.stderr, "isatty", lambda: False)():
         return True
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
@@ -569,8 +568,6 @@ def _progress_bars() -> bool:
 
 def _print_epoch(row: Mapping[str, Any], planned_epochs: int) -> None:
     """One plain line per epoch on stderr, for logs: ``epoch 3/10: train_loss 1.234, ... (12.3 s)``."""
-    import sys
-
     shown = ", ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if not math.isnan(row[k]))
     print(f"epoch {row['epoch']}/{planned_epochs}: {shown} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
 

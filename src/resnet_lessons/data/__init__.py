@@ -13,6 +13,7 @@ from .dataset import (
     DataUnavailable,
     ImageSet,
     channel_stats,
+    random_order,
     stratified_split,
     take_per_class,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "load",
     "make_synthetic",
     "preview",
+    "random_order",
     "stratified_split",
     "take_per_class",
     "torchvision_loader",

@@ -143,6 +143,15 @@ def stratified_split(
     return torch.nonzero(mask).flatten(), held
 
 
+def random_order(n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random permutation of ``range(n)`` (int64). Its first ``k`` entries are a uniform random sample,
+    and two disjoint slices of it are two disjoint samples; :func:`resnet_lessons.data.load` puts every split in
+    such an order (folders and zips list their images class by class)."""
+    if n < 0:
+        raise ValueError(f"n must be at least 0, got {n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def take_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """Sorted indices of the first ``per_class`` images of each class after a seeded shuffle."""
     return _first_per_class(labels, per_class, seed)[0]

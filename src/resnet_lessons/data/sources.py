@@ -24,6 +24,7 @@ from .dataset import (
     DataUnavailable,
     ImageSet,
     channel_stats,
+    random_order,
     stratified_split,
     take_per_class,
 )
@@ -172,7 +173,7 @@ def _carve_val(train: ImageSet, per_class: int, seed: int) -> tuple[ImageSet, Im
 def _shuffled(split: ImageSet, seed: int) -> ImageSet:
     """``split`` in one seeded random order. Folders and zips list their images class by class, so without it a
     split's first n images would all be of one class; with it, any prefix is a fair sample."""
-    return split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 2)))
+    return split.subset(random_order(len(split), seed + 2))
 
 
 def _is_cifar10_jpeg(splits: dict[str, ImageSet]) -> bool:
