@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BOOK_FLAGS ?= -W --keep-going
 
-.PHONY: book test test-browser clean
+.PHONY: book test test-browser lint clean
 
 # A relative RESNET_LESSONS_DATA names a path from where make runs, but the chapters run in book/: pass it on
 # absolute. Named sources (cifar10, synthetic) are no paths here and pass unchanged.
@@ -32,6 +32,11 @@ test: $(VENV)/.installed-test
 # Only the headless-browser test of the built book (the published edition's workflow runs it after `make book`).
 test-browser: $(VENV)/.installed-test
 	$(PY) -m pytest tests/test_browser.py
+
+# ruff (style, imports, likely bugs) over the code and mypy (types) over the library; both configured in pyproject.toml.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check src tests bench conftest.py
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf _build

@@ -17,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common
 import torch
 
-import common
 from resnet_lessons import checkpoints, export, runtime, train
 from resnet_lessons.data import DataUnavailable, load
 from resnet_lessons.models import build_model

@@ -25,9 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 ANCHORS = {  # issue 9, measured elsewhere on an A100, not here
     "source": "issue 9 (A100, CIFAR-stem ResNet-18; not measured by this script)",

@@ -39,9 +39,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 
-import common
 from resnet_lessons import runtime
 from resnet_lessons.data import DataError, DataUnavailable
 from resnet_lessons.evaluate import infer

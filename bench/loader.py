@@ -16,9 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
+import common
 import torch
 
-import common
 from resnet_lessons.data import Augment, DeviceLoader, ImageSet, load, torchvision_loader
 
 GOAL = {"vs_w0": 20.0, "vs_w2": 5.0}

@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 
-import common
 from resnet_lessons import runtime
 from resnet_lessons.data import DataError, DataSplits, DataUnavailable
 from resnet_lessons.evaluate import infer

@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import torch
 
-import common
 from resnet_lessons import runtime
 
 FEATURES = {  # setting -> (channels_last, precision, compile)

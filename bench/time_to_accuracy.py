@@ -32,10 +32,10 @@ import time
 from dataclasses import asdict
 from functools import partial
 
+import common
 import torch
 import torchvision
 
-import common
 from resnet_lessons import runtime
 from resnet_lessons.data import Augment, torchvision_loader
 from resnet_lessons.evaluate import evaluate

@@ -97,10 +97,10 @@ def test_finish_glues_the_chapters_time(monkeypatch):
 
 
 def test_a_budget_smaller_than_one_epoch_trains_what_fits_and_says_so():
+    from tiny import tiny_data
+
     from resnet_lessons import train
     from resnet_lessons.models import build_model
-
-    from tiny import tiny_data
 
     data = tiny_data(per_class=60, val_per_class=2, size=16)
     cfg = train.TrainConfig(model="resnet8", batch_size=8, budget_seconds=0.05, budget_probe_steps=2,
@@ -118,10 +118,9 @@ def _tiny_session():
     from dataclasses import replace
 
     import torch
+    from tiny import tiny_data
 
     from resnet_lessons.profiles import Settings, get_profile
-
-    from tiny import tiny_data
 
     profile = replace(get_profile("smoke"), reference_seconds=1.0, batch_size=16)
     settings = Settings(profile=profile, source="synthetic", source_from_env=False)

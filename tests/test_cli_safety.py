@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run_cli
 from PIL import Image
 
 from resnet_lessons import _files, checkpoints, cli, data
 from resnet_lessons.data import DataError, make_synthetic
 from resnet_lessons.models import build_model
-from clirun import run_cli
 
 CLASSES = ("disc", "square")
 TESTS = Path(__file__).parent

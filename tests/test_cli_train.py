@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from clirun import run_cli
 from PIL import Image
 
 from resnet_lessons import checkpoints, cli
 from resnet_lessons.data import make_synthetic
-from clirun import run_cli
 
 CLASSES = ("disc", "square")
 

@@ -8,12 +8,11 @@ import os
 
 import pytest
 import torch
+from tiny import tiny_data
 
 from resnet_lessons import checkpoints, evaluate, speed, train
 from resnet_lessons.data import DeviceLoader
 from resnet_lessons.models import build_model
-
-from tiny import tiny_data
 
 DEVICE = os.environ.get("RESNET_LESSONS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set RESNET_LESSONS_TEST_DEVICE to force one)")

@@ -289,7 +289,7 @@ def test_cifar10_official_test_and_carved_val(tmp_path, fake_cifar):
     [
         (urllib.error.URLError("Name or service not known"), "cannot be had: .*Name or service"),
         (TimeoutError("The read operation timed out"), "timed out"),
-        (socket.timeout("timed out"), "timed out"),
+        (TimeoutError("timed out"), "timed out"),
         (RuntimeError("Dataset not found or corrupted."), "Dataset not found"),
     ],
 )

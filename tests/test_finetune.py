@@ -8,16 +8,16 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from clirun import run_cli
+from tiny import tiny_data
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from resnet_lessons import checkpoints, finetune as ft, runtime, transfer
+from resnet_lessons import checkpoints, runtime, transfer
+from resnet_lessons import finetune as ft
 from resnet_lessons.data import make_synthetic
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig
-from tiny import tiny_data
-from clirun import run_cli
-
 
 DATA = tiny_data()
 CFG = TrainConfig(model="resnet8", epochs=1, batch_size=30, lr=0.5, quiet=True, schedule="constant",

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, recall_score
+from tiny import tiny_data
 
 from resnet_lessons import imbalance, runtime
 from resnet_lessons.data import DataSplits, DeviceLoader, channel_stats, make_synthetic, stratified_split
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig, fit
-from tiny import tiny_data
 
 
 def logits_labels(n=64, c=5, seed=0):

@@ -3,6 +3,7 @@ stopping with best weights, budgets, hooks, NaN stops, bad input. Tiny models on
 
 import pytest
 import torch
+from tiny import tiny_data
 from torch import nn
 
 from resnet_lessons import checkpoints, runtime
@@ -20,8 +21,6 @@ from resnet_lessons.train import (
     fit,
     replace,
 )
-from tiny import tiny_data
-
 
 DATA = tiny_data(per_class=24, val_per_class=6)
 CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2, quiet=True,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from resnet_lessons import finetune, transfer, train
-from resnet_lessons.train import TrainConfig
 from tiny import tiny_data
+
+from resnet_lessons import finetune, train, transfer
+from resnet_lessons.train import TrainConfig
 
 DATA = tiny_data()
 CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=1, batch_size=16, lr=0.1, quiet=True,

@@ -15,9 +15,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Union
+from typing import IO, Union
 
 TEMP_SUFFIX = ".tmp"  # temporaries are named .<target>.<random>.tmp
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp's 8 random characters

@@ -14,11 +14,11 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 from . import __version__
 

@@ -6,8 +6,8 @@ and later calibration or robustness studies, and a model is run once per questio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -15,9 +15,10 @@ ResNet-18, so each cell of the map speaks for a 4x4 or 8x8 block of pixels.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -59,7 +60,7 @@ class _Capture:
         self.output = output
         return output.clone()
 
-    def __enter__(self) -> "_Capture":
+    def __enter__(self) -> _Capture:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,10 +26,11 @@ import statistics
 import time
 import warnings
 import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class ModelCard:
     format: str = CARD_FORMAT
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Any, image_size: int | Sequence[int] = 32) -> "ModelCard":
+    def from_checkpoint(cls, checkpoint: Any, image_size: int | Sequence[int] = 32) -> ModelCard:
         """The card of a :class:`resnet_lessons.checkpoints.Checkpoint` (which does not record the image size)."""
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         return cls(
@@ -95,7 +96,7 @@ class ModelCard:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str, *, where: object = "the card") -> "ModelCard":
+    def from_json(cls, text: str, *, where: object = "the card") -> ModelCard:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as error:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import socket
 import types
 import urllib.error
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class Weights:
     @classmethod
     def from_model(cls, model: nn.Module, model_name: str, *, classes: Sequence[str], mean: Sequence[float],
                    std: Sequence[float], model_options: Mapping[str, Any] | None = None,
-                   source: str = "a model in memory") -> "Weights":
+                   source: str = "a model in memory") -> Weights:
         """The weights of a model trained here (the pretraining step of the transfer experiment)."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return cls(state, model_name, source, tuple(mean), tuple(std), dict(model_options or {}), tuple(classes))

@@ -9,7 +9,7 @@ for the whole block.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch

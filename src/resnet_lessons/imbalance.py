@@ -25,8 +25,9 @@ takes; class weights and priors are buffers, so ``.to(device)`` moves them with 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import pandas as pd
 import torch

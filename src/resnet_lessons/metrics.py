@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd

@@ -23,8 +23,9 @@ lighting, not a guarantee that the model is right.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ class DriftReference:
 
     @classmethod
     def fit(cls, images: torch.Tensor, *, bins: int = 16, z: float = 5.0, floor: float = 0.05,
-            chunk: int = 4096) -> "DriftReference":
+            chunk: int = 4096) -> DriftReference:
         """Statistics of the training images (uint8 ``[N, 3, H, W]``)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images [N, 3, H, W]; got {tuple(images.shape)}")
@@ -138,7 +139,7 @@ class DriftReference:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "DriftReference":
+    def from_dict(cls, raw: Mapping[str, Any]) -> DriftReference:
         values = dict(raw)
         for key in ("feature_mean", "feature_std", "histogram"):
             values[key] = tuple(values[key])

@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn

@@ -3,7 +3,8 @@ panel) and returns the Figure, so chapters, widgets and tests can use the same d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import torch
@@ -84,7 +85,7 @@ def class_samples(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[
 
 
 def gradient_norm_profile(
-    table: "pd.DataFrame", *, ax: Axes | None = None, title: str | None = None
+    table: pd.DataFrame, *, ax: Axes | None = None, title: str | None = None
 ) -> Figure:
     """Gradient norm per weight layer (log scale) for several networks: ``table`` has columns
     ``model``, ``layer`` and ``grad_norm``; names starting with ``plain`` are drawn dashed."""
@@ -122,7 +123,7 @@ def jacobian_panels(j_block: torch.Tensor, j_branch: torch.Tensor) -> Figure:
     return fig
 
 
-def degradation_curves(curves: "pd.DataFrame", *, metric: str = "train_accuracy") -> Figure:
+def degradation_curves(curves: pd.DataFrame, *, metric: str = "train_accuracy") -> Figure:
     """Training error (1 - ``metric``) per epoch in two panels, plain networks left and residual ones
     (pre-activation ones too) right, as in He et al. (2016), Figure 6. ``curves`` has columns ``model``,
     ``epoch`` and ``metric``."""
@@ -370,7 +371,7 @@ def augmentation_grid(
     return fig
 
 
-def class_balance(counts: "pd.DataFrame", *, ax: Axes | None = None, title: str | None = None) -> Figure:
+def class_balance(counts: pd.DataFrame, *, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Images per class (rows) in each split (columns) as grouped horizontal bars."""
     fig, ax = figure_and_axes(ax, figsize=(6, 0.3 * len(counts) + 1.2))
     height = 0.8 / max(1, counts.shape[1])
@@ -402,7 +403,7 @@ def channel_histograms(images: torch.Tensor, *, ax: Axes | None = None, title: s
     return fig
 
 
-def throughput_bars(rates: "Mapping[str, float]", *, ax: Axes | None = None, title: str | None = None) -> Figure:
+def throughput_bars(rates: Mapping[str, float], *, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Images per second of each pipeline as horizontal bars, each labelled with its speed-up over the first."""
     fig, ax = figure_and_axes(ax, figsize=(6, 0.5 * len(rates) + 1))
     names, values = list(rates), list(rates.values())
@@ -426,7 +427,7 @@ METHOD_COLOURS = {"scratch": "#888888", "linear": "#1f77b4", "full": "#ff7f0e", 
                   "gradual": "#d62728"}  # the same colour for a fine-tuning strategy in every figure
 
 
-def strategy_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | None = None) -> Figure:
+def strategy_curves(histories: Mapping[str, pd.DataFrame], *, title: str | None = None) -> Figure:
     """Validation accuracy and training loss per epoch, one line per fine-tuning strategy (or run)."""
     fig, (left, right) = subplots(1, 2, figsize=(10, 3.6))
     for name, history in histories.items():
@@ -436,7 +437,7 @@ def strategy_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | Non
     return _epoch_panels(fig, (left, right), ("validation accuracy", "training loss"), legend_on=left, title=title)
 
 
-def batchnorm_shift_bars(shifts: "Mapping[str, pd.DataFrame]", *, ax: Axes | None = None,
+def batchnorm_shift_bars(shifts: Mapping[str, pd.DataFrame], *, ax: Axes | None = None,
                          title: str | None = None) -> Figure:
     """How far the BatchNorm running means moved in each stage (largest change), a group of bars per stage
     and one bar per strategy; ``shifts`` maps a strategy to ``transfer.batchnorm_shift``'s table."""
@@ -459,7 +460,7 @@ def batchnorm_shift_bars(shifts: "Mapping[str, pd.DataFrame]", *, ax: Axes | Non
     return fig
 
 
-def transfer_bars(table: "pd.DataFrame", *, metric: str, ax: Axes | None = None, title: str | None = None) -> Figure:
+def transfer_bars(table: pd.DataFrame, *, metric: str, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Accuracy of each method (bars) for each labels fraction (groups): ``transfer.transfer_experiment``'s
     table with columns ``labels``, ``method`` and ``metric``."""
     fig, ax = figure_and_axes(ax, (7, 3.5))
@@ -483,7 +484,7 @@ def transfer_bars(table: "pd.DataFrame", *, metric: str, ax: Axes | None = None,
 
 
 def lr_schedules(
-    curves: "Mapping[str, Sequence[float]]", *, log: bool = True, ax: Axes | None = None, title: str | None = None
+    curves: Mapping[str, Sequence[float]], *, log: bool = True, ax: Axes | None = None, title: str | None = None
 ) -> Figure:
     """Learning rate against optimiser step, one line per schedule (log scale so 1e-3 and 0.4 both show)."""
     fig, ax = figure_and_axes(ax, figsize=(6, 3.5))
@@ -501,7 +502,7 @@ def lr_schedules(
     return fig
 
 
-def training_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | None = None) -> Figure:
+def training_curves(histories: Mapping[str, pd.DataFrame], *, title: str | None = None) -> Figure:
     """Loss and accuracy per epoch from ``train.fit`` histories: training solid, validation dashed."""
     fig, (left, right) = subplots(1, 2, figsize=(10, 3.6))
     for index, (name, history) in enumerate(histories.items()):
@@ -517,7 +518,7 @@ def training_curves(histories: "Mapping[str, pd.DataFrame]", *, title: str | Non
 # --- overfitting and class imbalance (chapters 10 and 11) ------------------------------------------
 
 
-def gap_panels(histories: "Mapping[str, pd.DataFrame]", *, metric: str = "accuracy", ncols: int = 4,
+def gap_panels(histories: Mapping[str, pd.DataFrame], *, metric: str = "accuracy", ncols: int = 4,
                title: str | None = None) -> Figure:
     """One small panel per run: training (solid) and validation (dashed) ``metric`` per epoch from
     ``train.fit`` histories, the gap between them shaded. Panels share their axes, so gaps compare."""
@@ -545,7 +546,7 @@ def gap_panels(histories: "Mapping[str, pd.DataFrame]", *, metric: str = "accura
     return fig
 
 
-def recall_by_class(table: "pd.DataFrame", methods: Sequence[str] | None = None, *, ax: Axes | None = None,
+def recall_by_class(table: pd.DataFrame, methods: Sequence[str] | None = None, *, ax: Axes | None = None,
                     title: str | None = None) -> Figure:
     """Per-class recall of each method (lines) with the training images per class (grey bars, log scale, right
     axis), classes from the most to the least frequent: ``imbalance.recall_table``'s table (class rows only)."""
@@ -579,7 +580,7 @@ _SUMMARY_ROWS = ("balanced accuracy", "head (most frequent third)", "tail (rares
 # --- performance (chapter 14) ----------------------------------------------------------------------
 
 
-def speedup_bars(table: "pd.DataFrame", *, ax: Axes | None = None, title: str | None = None) -> Figure:
+def speedup_bars(table: pd.DataFrame, *, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Speed-up over a baseline (1 = as fast): one group of horizontal bars per row of ``table`` (e.g. models),
     one bar per column (e.g. speed features); a missing value (not measured) leaves a gap."""
     rows, columns = list(table.index), list(table.columns)
@@ -600,7 +601,7 @@ def speedup_bars(table: "pd.DataFrame", *, ax: Axes | None = None, title: str | 
     return fig
 
 
-def accuracy_over_time(curves: "Mapping[str, pd.DataFrame]", *, targets: Sequence[float] = (), x: str = "train_s",
+def accuracy_over_time(curves: Mapping[str, pd.DataFrame], *, targets: Sequence[float] = (), x: str = "train_s",
                        y: str = "accuracy_tta", ax: Axes | None = None, title: str | None = None) -> Figure:
     """Accuracy (``y``) against training seconds (``x``) for each run, with dotted lines at the ``targets``."""
     fig, ax = figure_and_axes(ax, (6, 3.6))
@@ -619,7 +620,7 @@ def accuracy_over_time(curves: "Mapping[str, pd.DataFrame]", *, targets: Sequenc
     return fig
 
 
-def ladder(rungs: "Sequence[Mapping]", *, ax: Axes | None = None, title: str | None = None) -> Figure:
+def ladder(rungs: Sequence[Mapping], *, ax: Axes | None = None, title: str | None = None) -> Figure:
     """What each correction buys (``bench/ladder.py``): one row per rung, its mean validation accuracy as a bar,
     every seed as a dot, from the article's recipe (top) to the book's (bottom)."""
     fig, ax = figure_and_axes(ax, (7, 0.45 * len(rungs) + 1.2))

@@ -8,9 +8,9 @@ Profiles are frozen: derive a variant with :func:`dataclasses.replace`, never mu
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 PROFILE_ENV = "RESNET_LESSONS_PROFILE"
 DATA_ENV = "RESNET_LESSONS_DATA"

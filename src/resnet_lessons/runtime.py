@@ -5,9 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the block with ``model`` in eval mode (BatchNorm on its running statistics, no dropout), then put
+    it back in the mode it was in, even when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def pick_device(preferred: str | None = None) -> torch.device:

@@ -20,10 +20,11 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace  # replace: derive a config, train.replace(cfg, lr=0.1)
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 import torch
@@ -57,7 +58,7 @@ class Hook:
     def on_epoch_end(self, row: dict[str, Any]) -> None:  # the history row just recorded
         pass
 
-    def on_fit_end(self, result: "FitResult") -> None:
+    def on_fit_end(self, result: FitResult) -> None:
         pass
 
 

@@ -12,8 +12,9 @@ pretrained network (:func:`batchnorm_statistics`, :func:`batchnorm_shift`). The 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,6 @@ from . import train
 from .data import DataSplits, ImageSet, channel_stats, take_per_class
 from .finetune import STRATEGY_LR, Weights, finetune, pretrained_model, stage_of, with_normalisation
 from .models import build_model, count_flops
-
 
 # --- data: class subsets, few labels, upsampling ----------------------------------------------------------
 

@@ -7,7 +7,7 @@ controls are linked in the browser (``jslink``), so the saved widget state alone
 from __future__ import annotations
 
 import io
-from typing import Mapping
+from collections.abc import Mapping
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure

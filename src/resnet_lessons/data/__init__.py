@@ -17,6 +17,7 @@ from .dataset import (
     stratified_split,
     take_per_class,
 )
+from .images import fit_image, normalise, read_image, resize, to_rgb
 from .loader import Augment, DeviceLoader, Draws, preview, torchvision_loader, torchvision_transform
 from .sources import CIFAR10_CLASSES, default_cache_dir, load
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic
@@ -35,12 +36,17 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "channel_stats",
     "default_cache_dir",
+    "fit_image",
     "load",
     "make_synthetic",
+    "normalise",
     "preview",
     "random_order",
+    "read_image",
+    "resize",
     "stratified_split",
     "take_per_class",
+    "to_rgb",
     "torchvision_loader",
     "torchvision_transform",
 ]

@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import cache
 from .dataset import DataError
+from .images import fit_image, to_rgb
 
 SPLIT_NAMES = ("train", "val", "test")
 CACHE_FORMAT = cache.CACHE_FORMAT
@@ -240,28 +241,6 @@ _archive: zipfile.ZipFile | None = None  # one open archive per worker process
 def _open_worker(path: str, is_zip: bool) -> None:
     global _archive
     _archive = zipfile.ZipFile(path) if is_zip else None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB whatever the mode: grayscale and palettes expand, transparency is laid over white."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def fit_image(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` and crop the centre square (no-op at the right size)."""
-    w, h = image.size
-    if (w, h) == (size, size):
-        return image
-    scale = size / min(w, h)
-    w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((w2, h2), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (w2 - size) // 2, (h2 - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 class Unread(Exception):

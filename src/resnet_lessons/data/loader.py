@@ -10,8 +10,8 @@ seeded generator, so the same seed gives the same batches on any device.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class Augment:
     flip: bool = True
     cutout: int = 0
 
-    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> "Draws":
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> Draws:
         """The random choices for ``n`` images, one row each."""
         p = self.crop_padding
         dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
@@ -47,7 +47,7 @@ class Draws:
     cy: torch.Tensor
     cx: torch.Tensor
 
-    def to(self, device: torch.device) -> "Draws":
+    def to(self, device: torch.device) -> Draws:
         return Draws(*(t.to(device, non_blocking=True) for t in (self.dy, self.dx, self.flip, self.cy, self.cx)))
 
 
