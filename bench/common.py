@@ -30,7 +30,7 @@ JPEG_LABEL = "JPEG copy of CIFAR-10, validation"  # what a figure scored on the 
 
 # The book's CPU recipe is the cpu profile's: half-width ResNet-9 in bf16 where the CPU computes it natively (probes
 # of ResNet-20, ResNet-9 and airbench-like networks in issue 5's report). time_to_accuracy.py and ladder.py train it.
-CPU_RECIPE = config_from_profile(get_profile("cpu"), quiet=True)
+CPU_RECIPE = config_from_profile(get_profile("cpu"))
 
 
 def shared_zip() -> Path | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import common
 import torch
 
-from resnet_lessons import checkpoints, export, runtime, train
+from resnet_lessons import checkpoints, compress, export, runtime, train
 from resnet_lessons.data import DataUnavailable, load
 from resnet_lessons.models import build_model
 from resnet_lessons.profiles import from_env
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         model_name = profile.model
         model = build_model(model_name, num_classes=len(data.classes), **profile.model_options)
         print(f"training {model_name} ({profile.name} profile) on {source}", file=sys.stderr)
-        train.fit(model, data, train.config_from_profile(profile, quiet=True), device=runtime.pick_device())
+        train.fit(model, data, train.config_from_profile(profile), device=runtime.pick_device(),
+                  options=train.RunOptions(quiet=True))
         model = model.cpu().eval()
         card = export.ModelCard(model_name=model_name, model_options=dict(profile.model_options),
                                 classes=data.classes, mean=data.mean, std=data.std,
@@ -79,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             result = export.export_model(model, Path(folder) / name, format=format, card=card, images=images[:256])
             variants["TorchScript" if format == "torchscript" else "ONNX Runtime"] = export.load_exported(
                 result.path, threads=args.threads)
-        variants["int8 dynamic (Linear only)"] = export.quantize_dynamic(model)
-        variants["int8 static"] = export.quantize_static(model, data.train.images, mean=mean, std=std)
-        pruned = export.prune_global(model, args.prune)
+        variants["int8 dynamic (Linear only)"] = compress.quantize_dynamic(model)
+        variants["int8 static"] = compress.quantize_static(model, data.train.images, mean=mean, std=std)
+        pruned = compress.prune_global(model, args.prune)
         variants[f"pruned {args.prune:.0%}"] = pruned
-        variants[f"pruned {args.prune:.0%} + int8 static"] = export.quantize_static(
+        variants[f"pruned {args.prune:.0%} + int8 static"] = compress.quantize_static(
             pruned, data.train.images, mean=mean, std=std)
-        table = export.compare_variants(variants, images, labels, mean=mean, std=std,
-                                        latency_repeats=args.repeats, threads=args.threads)
+        table = compress.compare_variants(variants, images, labels, mean=mean, std=std,
+                                          latency_repeats=args.repeats, threads=args.threads)
 
     print(table.round(3).to_string())
     report = {

@@ -45,10 +45,10 @@ class TTAScore:
         self.eval_s, self.curve = 0.0, []
 
     def on_epoch_end(self, row: dict) -> None:
-        from resnet_lessons import speed
+        from resnet_lessons import evaluate
 
         started = time.perf_counter()  # fit's epoch ended with a synchronising .cpu(): the clock is honest
-        plain, tta = speed.flip_tta_accuracy(
+        plain, tta = evaluate.flip_tta_accuracy(
             self.model, self.split.images, self.split.labels, mean=self.mean, std=self.std, device=self.device,
             batch_size=1000, channels_last=self.channels_last, precision=self.precision)
         self.curve.append({"epoch": row["epoch"], "train_s": row["elapsed"] - self.eval_s, "epoch_s": row["seconds"],
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     from resnet_lessons.data import DataSplits, load
     from resnet_lessons.models import build_model
     from resnet_lessons.profiles import get_profile
-    from resnet_lessons.train import config_from_profile, fit, replace
+    from resnet_lessons.train import RunOptions, config_from_profile, fit, replace
 
     if args.smoke:
         args.data, args.val_per_class, args.epochs, args.width = "synthetic", 5, [1], 0.125
@@ -130,9 +130,10 @@ def main(argv=None) -> int:
     train_only = DataSplits(source=data.source, splits={"train": data.train}, mean=data.mean, std=data.std,
                             notes=data.notes)  # fit evaluates nothing: the hook scores, timed apart
     profile = get_profile("gpu")
+    options = RunOptions(quiet=True, compile=args.compile)
     cfg = config_from_profile(
         profile, epochs=max(args.epochs), precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile, quiet=True, seed=args.seed, warmup_fraction=args.warmup_fraction,
+        seed=args.seed, warmup_fraction=args.warmup_fraction,
         model_options={"stem": "cifar", "width": args.width},
         **{k: v for k, v in {"batch_size": args.batch_size, "lr": args.lr,
                              "label_smoothing": args.label_smoothing}.items() if v is not None})
@@ -150,15 +151,15 @@ def main(argv=None) -> int:
                       mean=data.mean, std=data.std)
     compile_error = None
     try:
-        fit(model, warm, replace(cfg, epochs=1), device=device)
+        fit(model, warm, replace(cfg, epochs=1), device=device, options=options)
     except Exception as error:  # noqa: BLE001 - no compiler here: the run goes on without torch.compile
-        if not cfg.compile:
+        if not options.compile:
             raise
         compile_error = f"{type(error).__name__}: {str(error)[:500]}"
         print(f"torch.compile failed ({compile_error}); continuing without it", flush=True)
         torch._dynamo.reset()
-        cfg = replace(cfg, compile=False)
-        fit(model, warm, replace(cfg, epochs=1), device=device)
+        options = replace(options, compile=False)
+        fit(model, warm, replace(cfg, epochs=1), device=device, options=options)
     runtime_s = {"load_s": load_s, "warmup_s": time.perf_counter() - started, "warmup_steps": steps,
                  "compile_error": compile_error}
     if device.type == "cuda":
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     for epochs in args.epochs:
         model.load_state_dict(initial)
         hook = TTAScore(model, scored, data.mean, data.std, device, args.precision, cfg.channels_last)
-        result = fit(model, train_only, replace(cfg, epochs=epochs), device=device, hooks=[hook])
+        result = fit(model, train_only, replace(cfg, epochs=epochs), device=device, hooks=[hook], options=options)
         curve = hook.curve
         epoch_s = [p["epoch_s"] for p in curve]
         run = {"epochs": epochs, "train_s": curve[-1]["train_s"], "eval_s": hook.eval_s, "fit_s": result.seconds,

@@ -47,7 +47,7 @@ from resnet_lessons.data import DataError, DataUnavailable
 from resnet_lessons.evaluate import infer
 from resnet_lessons.metrics import accuracy_se, flip_tta
 from resnet_lessons.models import build_model
-from resnet_lessons.train import TrainConfig, fit, replace, resolve_precision
+from resnet_lessons.train import RunOptions, TrainConfig, fit, replace, resolve_precision
 
 CPU_RECIPE = common.CPU_RECIPE
 
@@ -87,7 +87,8 @@ NOTES = {
                   "mode (the article's missing model.eval(), erratum 9, is fixed on every rung), the rung's "
                   "precision, exact fractions (erratum 11). flip_tta scores the previous rung's models again (after "
                   "the budget), averaging each image's logits with its mirror image's "
-                  "(metrics.flip_tta, the book's one rule); val_accuracy_without_flip is the same pass without the mirror images.",
+                  "(metrics.flip_tta, the book's one rule); val_accuracy_without_flip is the same pass without the "
+                  "mirror images.",
     "normalisation": "Every rung standardises with the training split's per-channel mean and std; the article's "
                      "(0.5, 0.5, 0.5) would differ only by a per-channel affine map, which the BatchNorm after "
                      "the first convolution undoes in training mode (chapter 2), so it is not a rung.",
@@ -151,7 +152,8 @@ def train_rung(cfg: TrainConfig, data: Any, budget: float, seed: int, tta: bool)
     and of their mirror images (in the rung's precision, eval mode), else None."""
     runtime.seed_everything(seed)
     model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_options)
-    result = fit(model, data, replace(cfg, budget_seconds=budget, seed=seed, quiet=True), device="cpu")
+    result = fit(model, data, replace(cfg, budget_seconds=budget, seed=seed), device="cpu",
+                 options=RunOptions(quiet=True))
     output = None
     if tta:
         val, cpu = data.val, torch.device("cpu")
@@ -208,7 +210,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladder.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=60.0, metavar="S", help="seconds of train.fit per rung and seed")
+    parser.add_argument("--budget", type=float, default=60.0, metavar="S",
+                        help="seconds of train.fit per rung and seed")
     parser.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds 0..N-1 per rung (default 2)")
     parser.add_argument("--train-per-class", type=int, default=None, metavar="N",
                         help="training images kept per class (default: all, 4,500 on the shared zip)")

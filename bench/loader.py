@@ -27,7 +27,7 @@ GOAL = {"vs_w0": 20.0, "vs_w2": 5.0}
 def time_dataloader(images: ImageSet, batch_size: int, mean, std, workers: int) -> float:
     loader = torchvision_loader(images, batch_size, mean, std, train=True, num_workers=workers)
     seen, start = 0, time.perf_counter()
-    for x, y in loader:
+    for _x, y in loader:
         seen += y.numel()
     return seen / (time.perf_counter() - start)
 
@@ -39,7 +39,7 @@ def time_fast(images: ImageSet, batch_size: int, mean, std, device: torch.device
     setup = time.perf_counter() - start
     seen, epochs, start = 0, 0, time.perf_counter()
     while epochs == 0 or time.perf_counter() - start < min_seconds:
-        for x, y in loader:
+        for _x, y in loader:
             seen += y.numel()
         epochs += 1
     if device.type == "cuda":

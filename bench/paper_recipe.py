@@ -42,7 +42,7 @@ from resnet_lessons.evaluate import infer
 from resnet_lessons.metrics import accuracy_se
 from resnet_lessons.models import build_model, count_parameters
 from resnet_lessons.optim import TrainConfig, schedule_curve
-from resnet_lessons.train import fit, replace
+from resnet_lessons.train import RunOptions, fit, replace
 
 PAPER_ITERATIONS = 64_000
 PAPER_MILESTONES = (32_000, 48_000)
@@ -55,7 +55,7 @@ WARMUP_LR = 0.01  # ResNet-110 only (Sec. 4.2)
 
 
 def paper_config(model: str, epochs: int, steps_per_epoch: int, iterations: int, offset: int, *, precision: str,
-                 seed: int, compile: bool) -> TrainConfig:
+                 seed: int) -> TrainConfig:
     """The paper's recipe for a fit of ``epochs`` epochs that starts at iteration ``offset`` of ``iterations``."""
     total = epochs * steps_per_epoch
     drops = [round(m * iterations / PAPER_ITERATIONS) - offset for m in PAPER_MILESTONES]
@@ -63,8 +63,7 @@ def paper_config(model: str, epochs: int, steps_per_epoch: int, iterations: int,
         model=model, model_options={}, epochs=epochs, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
         nesterov=False, weight_decay=1e-4, decay_norm_and_bias=True, schedule="step",
         step_milestones=tuple(max(0, d) / total for d in drops), step_gamma=0.1, label_smoothing=0.0,
-        crop_padding=4, flip=True, cutout=0, precision=precision, compile=compile, seed=seed,
-        quiet=not sys.stderr.isatty())
+        crop_padding=4, flip=True, cutout=0, precision=precision, seed=seed)
 
 
 def lr_drops(cfg: TrainConfig, total: int, offset: int) -> list[int]:
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_steps = steps_per_epoch if warmup else 0
     epochs = max(1, round((args.iterations - warm_steps) / steps_per_epoch))
     cfg = paper_config(args.model, epochs, steps_per_epoch, args.iterations, warm_steps, precision=args.precision,
-                       seed=args.seed + (1 if warmup else 0), compile=args.compile)  # + 1: not the warm-up's order
+                       seed=args.seed + (1 if warmup else 0))  # + 1: not the warm-up's order
     total = epochs * steps_per_epoch
     report: dict[str, Any] = {
         "benchmark": "paper_recipe",
@@ -178,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {warm_steps + total:,} iterations ({report['epochs']} epochs of {steps_per_epoch}), "
           f"lr drops at {report['lr_drops_at']}, on {report['device']}", file=sys.stderr, flush=True)
 
+    options = RunOptions(quiet=not sys.stderr.isatty(), compile=args.compile)
     runtime.seed_everything(args.seed)
     model = build_model(args.model, num_classes=len(data.classes))
     report["parameters"] = count_parameters(model)
@@ -186,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     if warmup:
         warm_cfg = replace(cfg, epochs=1, schedule="constant", lr=WARMUP_LR, seed=args.seed)
         train_only = DataSplits(source=data.source, splits={"train": data.train}, mean=data.mean, std=data.std)
-        warm_result = fit(model, train_only, warm_cfg, device=device)
+        warm_result = fit(model, train_only, warm_cfg, device=device, options=options)
         report["warmup"]["train_error_percent"] = 100 * (1 - float(warm_result.history["train_accuracy"].iloc[-1]))
     progress = Progress(report, args.out)
     scored_data = DataSplits(source=data.source, splits={"train": data.train, "val": scored}, mean=data.mean,
                              std=data.std, notes=data.notes)  # fit's per-epoch validation is the scored split
-    result = fit(model, scored_data, cfg, device=device, hooks=[progress])
+    result = fit(model, scored_data, cfg, device=device, hooks=[progress], options=options)
     seconds = time.perf_counter() - started
     logits = infer(model, scored.images, mean=data.mean, std=data.std, batch_size=1000, device=device)
     accuracy = int((logits.argmax(1) == scored.labels).sum()) / len(scored)  # eval mode, fp32, an exact fraction

@@ -10,7 +10,8 @@ For each model, one speed feature at a time against the plain baseline (fp32, NC
 channels_last, bf16 autocast, fp16 autocast (GPU only), torch.compile, and all that help together
 (channels_last + bf16 also on a CPU with bf16 in hardware). For one model (``--focus``: resnet9 on the
 CPU, resnet18 on a GPU): batch sizes 64/128/256/512, the torchvision DataLoader (0 and 2 workers)
-instead of the DeviceLoader feeding the same model, and torch's CPU thread count (CPU only). Each configuration runs in a fresh process, so peak
+instead of the DeviceLoader feeding the same model, and torch's CPU thread count (CPU only). Each
+configuration runs in a fresh process, so peak
 memory is its own (CUDA ``max_memory_allocated``; on the CPU the peak resident set from ``getrusage``) and
 no setting leaks into the next. Each times ``--steps`` steps after ``--warmup`` steps (compiling happens in
 the warm-up, reported apart). Prints a table and writes bench/results/throughput.json.

@@ -40,7 +40,7 @@ from resnet_lessons import runtime
 from resnet_lessons.data import Augment, torchvision_loader
 from resnet_lessons.evaluate import evaluate
 from resnet_lessons.models import build_model
-from resnet_lessons.train import fit, replace, resolve_precision
+from resnet_lessons.train import RunOptions, fit, replace, resolve_precision
 
 SHARED_ZIP = common.SHARED_ZIP
 LABEL = common.JPEG_LABEL
@@ -51,7 +51,7 @@ def run_cpu_recipe(data, budget: float, seed: int, recipe=CPU_RECIPE) -> dict:
     runtime.seed_everything(seed)
     cfg = replace(recipe, budget_seconds=budget, seed=seed)
     model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_options)
-    result = fit(model, data, cfg, device="cpu")
+    result = fit(model, data, cfg, device="cpu", options=RunOptions(quiet=True))
     history = result.history
     return {
         "val_accuracy": float(history["val_accuracy"].iloc[-1]),
@@ -85,7 +85,8 @@ def run_article_recipe(data, budget: float, seed: int) -> dict:
             optimizer.step()
             seen += labels.numel()
             steps += 1
-            step_seconds = 0.9 * step_seconds + 0.1 * (time.perf_counter() - t) if steps > 1 else time.perf_counter() - t
+            step_seconds = (0.9 * step_seconds + 0.1 * (time.perf_counter() - t) if steps > 1
+                            else time.perf_counter() - t)
             eval_reserve = 0.5 * step_seconds / 128 * len(data.val)  # a forward pass ~ 1/3 of a step
             if time.perf_counter() - start + eval_reserve + step_seconds > 0.97 * budget:
                 done = True

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_lessons import speed
+from resnet_lessons import book, evaluate, speed
 from resnet_lessons.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,10 +105,11 @@ def test_time_to_accuracy_probes_a_recipe_variant_and_refuses_bad_ones(tmp_path)
     run_bench("time_to_accuracy.py", "--data", "synthetic", "--budgets", "3", "--val-per-class", "10",
               "--recipes", "cpu", "--set", 'model="resnet8"', "model_options={}", "--out", str(out))
     result = json.loads(out.read_text())
-    assert result["cpu_recipe"]["model"] == "resnet8" and result["cpu_recipe_changes"] == ['model="resnet8"', "model_options={}"]
+    assert result["cpu_recipe"]["model"] == "resnet8"
+    assert result["cpu_recipe_changes"] == ['model="resnet8"', "model_options={}"]
     for bad, message in [("model=resnet8", "is not JSON"), ("depth=3", "unexpected keyword"), ("lr", "FIELD=JSON")]:
-        done = subprocess.run([sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), "--set", bad, "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), "--set", bad,
+                               "--out", str(out)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr
 
 
@@ -118,7 +119,7 @@ def test_flip_tta_matches_a_hand_computation():
     images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (20,))
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    plain, tta = speed.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=7)
+    plain, tta = evaluate.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=7)
     x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         logits, mirrored = model(x), model(x.flip(3))
@@ -135,32 +136,33 @@ def test_measure_throughput_rejects_bad_settings():
 
 
 def test_find_result_reads_the_repository_results_and_labels_them():
-    result, path = speed.find_result("loader")
+    result, path = book.find_result("loader")
     assert path is not None and path.name == "loader.json"
-    label = speed.describe_result(result)
+    label = book.describe_result(result)
     assert result["date"][:10] in label and result["versions"]["torch"] in label
-    assert speed.find_result("no-such-benchmark") == (None, None)
-    assert speed.describe_result(None) == "no measurement in this installation"
+    assert book.find_result("no-such-benchmark") == (None, None)
+    assert book.describe_result(None) == "no measurement in this installation"
 
 
 def test_a_smoke_result_is_not_a_measurement(tmp_path, monkeypatch):
     (tmp_path / "throughput.json").write_text(json.dumps({"smoke": True, "results": []}))
     (tmp_path / "gpu_speedrun.json").write_text(json.dumps({"smoke": False, "runs": []}))
-    monkeypatch.setattr(speed, "results_dirs", lambda: [tmp_path])
-    assert speed.find_result("throughput") == (None, None)
-    assert speed.find_result("gpu_speedrun") == ({"smoke": False, "runs": []}, tmp_path / "gpu_speedrun.json")
+    monkeypatch.setattr(book, "results_dirs", lambda: [tmp_path])
+    assert book.find_result("throughput") == (None, None)
+    assert book.find_result("gpu_speedrun") == ({"smoke": False, "runs": []}, tmp_path / "gpu_speedrun.json")
 
 
 def readme_rows(result: dict) -> list[str]:
     """The README's time-to-accuracy table rows, as written from ``bench/results/time_to_accuracy.json``."""
     runs = {(r["recipe"], r["budget_s"]): r for r in result["results"]}
-    return [f"| {budget:.0f} s | {runs['cpu', budget]['val_accuracy']:.3f} ({runs['cpu', budget]['epochs']:.1f} epochs) "
+    return [f"| {budget:.0f} s "
+            f"| {runs['cpu', budget]['val_accuracy']:.3f} ({runs['cpu', budget]['epochs']:.1f} epochs) "
             f"| {runs['article', budget]['val_accuracy']:.3f} ({runs['article', budget]['epochs']:.1f} epochs) |"
             for budget in sorted({b for _, b in runs})]
 
 
 def test_the_readme_states_the_time_to_accuracy_that_was_measured():
-    result, path = speed.find_result("time_to_accuracy")
+    result, path = book.find_result("time_to_accuracy")
     assert result is not None, "bench/results/time_to_accuracy.json is part of the repository"
     readme = (ROOT / "README.md").read_text()
     for row in readme_rows(result):

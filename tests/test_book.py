@@ -104,7 +104,7 @@ def test_a_budget_smaller_than_one_epoch_trains_what_fits_and_says_so():
 
     data = tiny_data(per_class=60, val_per_class=2, size=16)
     cfg = train.TrainConfig(model="resnet8", batch_size=8, budget_seconds=0.05, budget_probe_steps=2,
-                            precision="fp32", quiet=True)
+                            precision="fp32")
     with pytest.warns(UserWarning, match=r"allowed \d+ of the \d+ steps of one epoch"):
         result = train.fit(build_model("resnet8", width=0.25), data, cfg, device="cpu")
     assert result.epochs_trained < 1 and result.stopped in ("budget", "over_budget")
@@ -156,7 +156,7 @@ def test_the_reference_key_follows_profile_data_and_recipe_but_not_run_options()
     profile, data = session.profile, session.data
     cfg = book.reference_recipe(profile)
     key = book.reference_key(profile, data, cfg)
-    assert book.reference_key(profile, data, replace(cfg, quiet=not cfg.quiet)) == key
+    assert book.reference_key(replace(profile, quiet=not profile.quiet), data, cfg) == key
     assert book.reference_key(profile, data, replace(cfg, lr=cfg.lr / 2)) != key
     assert book.reference_key(replace(profile, name="other"), data, cfg) != key
     images = data.train.images.clone()

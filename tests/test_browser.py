@@ -103,7 +103,8 @@ def test_page_renders_without_errors_and_with_its_figures_and_math(page, site, n
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{Path(name).name}.png"), full_page=True)
     # Tracebacks are allowed only in cells that demonstrate an error on purpose.
-    errors = page.locator(".cell:not(.tag_raises-exception) .output.traceback, .cell:not(.tag_raises-exception) .output.error")
+    errors = page.locator(".cell:not(.tag_raises-exception) .output.traceback, "
+                          ".cell:not(.tag_raises-exception) .output.error")
     assert errors.count() == 0, errors.first.inner_text()[:500]
     body = page.locator("article").inner_text()
     assert "Traceback (most recent call last)" not in body or page.locator(".tag_raises-exception").count()
@@ -163,12 +164,14 @@ def test_a_widget_slider_changes_the_view_without_a_kernel(page, site):
     _open(page, site, with_widgets[0])
     page.wait_for_selector(".widget-slider .noUi-handle, .widget-slider input[type=range]", timeout=20_000)
     view = page.locator(".widget-stack, .jupyter-widgets .widget-image").first
-    before = page.evaluate("[...document.querySelectorAll('.jupyter-widgets img')].filter(i => i.offsetParent).map(i => i.src.slice(-80)).join()")
+    before = page.evaluate("[...document.querySelectorAll('.jupyter-widgets img')]"
+                           ".filter(i => i.offsetParent).map(i => i.src.slice(-80)).join()")
     handle = page.locator(".widget-slider .noUi-handle").first
     handle.focus()
     page.keyboard.press("ArrowRight")
     page.wait_for_timeout(500)
-    after = page.evaluate("[...document.querySelectorAll('.jupyter-widgets img')].filter(i => i.offsetParent).map(i => i.src.slice(-80)).join()")
+    after = page.evaluate("[...document.querySelectorAll('.jupyter-widgets img')]"
+                          ".filter(i => i.offsetParent).map(i => i.src.slice(-80)).join()")
     assert view.count() and before and after and before != after
     page.screenshot(path=str(SCREENSHOTS / f"{Path(with_widgets[0]).name}-widget-moved.png"), full_page=False)
 

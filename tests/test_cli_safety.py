@@ -221,7 +221,7 @@ WRITE_RUN = textwrap.dedent("""
 
     sys.path.insert(0, sys.argv[2])
     from tiny import tiny_data
-    from resnet_lessons import cli
+    from resnet_lessons.cli.runs import write_run
     from resnet_lessons.models import build_model
     from resnet_lessons.profiles import get_profile
     from resnet_lessons.train import config_from_profile
@@ -240,8 +240,8 @@ WRITE_RUN = textwrap.dedent("""
     model = build_model("resnet8", num_classes=10, width=0.125)
     result = SimpleNamespace(history=pd.DataFrame([{"epoch": 1, "train_loss": 1.0}]))
     metrics = {"val_accuracy": 0.5, "epochs": 1, "stopped": "completed", "seconds": 1.0, "notes": ["x" * 1000]}
-    cli._write_run(Path(sys.argv[1]), model, tiny_data(4, 1), result, config_from_profile(profile), metrics,
-                   source="synthetic", profile=profile, seed=0)
+    write_run(Path(sys.argv[1]), model, tiny_data(4, 1), result, config_from_profile(profile), metrics,
+              source="synthetic", profile=profile, seed=0)
 """)
 
 

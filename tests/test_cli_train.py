@@ -96,7 +96,8 @@ def test_train_per_class_keeps_that_many_images_and_refuses_nonsense(capsys, tmp
         with pytest.raises(SystemExit) as stop:
             cli.main(["train", "--data", str(folder), "--out", str(tmp_path / bad), "--train-per-class", bad])
         err = capsys.readouterr().err
-        assert stop.value.code == 2 and f"--train-per-class: must be a positive whole number or 'all', got '{bad}'" in err
+        message = f"--train-per-class: must be a positive whole number or 'all', got '{bad}'"
+        assert stop.value.code == 2 and message in err
         assert not (tmp_path / bad).exists()
 
 
@@ -166,7 +167,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(folder, tmp_path)
     assert not (victim_out / "model.pt").exists()
     killed_at = checkpoints.load(checkpoint).train_state["epoch"]
     assert 1 <= killed_at < 5
-    resumed = subprocess.run(_train_command(folder, victim_out, "--resume"), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_train_command(folder, victim_out, "--resume"), capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err[-2000:]

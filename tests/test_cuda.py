@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import tiny_data
 
-from resnet_lessons import checkpoints, evaluate, speed, train
+from resnet_lessons import checkpoints, evaluate, train
 from resnet_lessons.data import DeviceLoader
 from resnet_lessons.models import build_model
 
@@ -43,7 +43,7 @@ def test_a_budgeted_fit_on_the_device_learns_ends_in_time_and_saves_a_cpu_loadab
     torch.manual_seed(0)
     model = build_model("resnet8", num_classes=10, width=0.5)
     cfg = train.TrainConfig(model="resnet8", model_options={"width": 0.5}, batch_size=16, lr=0.1,
-                            budget_seconds=8.0, precision=precision, quiet=True)
+                            budget_seconds=8.0, precision=precision)
     result = train.fit(model, data, cfg, device=DEVICE, checkpoint_dir=tmp_path)
     assert result.seconds <= cfg.budget_seconds and result.epochs_trained >= 1
     assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
@@ -57,7 +57,7 @@ def test_flip_tta_on_the_device_matches_the_cpu():
     data = tiny_data(size=16)
     torch.manual_seed(0)
     model = build_model("resnet8", num_classes=10, width=0.5).eval()
-    scores = [speed.flip_tta_accuracy(model, data.val.images, data.val.labels, mean=data.mean, std=data.std,
+    scores = [evaluate.flip_tta_accuracy(model, data.val.images, data.val.labels, mean=data.mean, std=data.std,
                                       device=device, batch_size=64, channels_last=False, precision="fp32")
               for device in ("cpu", DEVICE)]
     assert scores[0] == pytest.approx(scores[1], abs=1 / len(data.val))

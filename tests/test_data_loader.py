@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from resnet_lessons.data import Augment, DeviceLoader, ImageSet, torchvision_loader
+from resnet_lessons.data import Augment, DeviceLoader, ImageSet, normalise, torchvision_loader
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -82,6 +82,12 @@ def test_eval_is_in_order_unaugmented_and_equals_the_torchvision_path():
     for (x, y), (x2, y2) in zip(zip(xs, ys), slow):
         torch.testing.assert_close(x, x2, atol=1e-5, rtol=0)
         assert torch.equal(y, y2)
+
+
+def test_the_loader_normalises_exactly_as_data_normalise_does():
+    images, labels = images_labels(n=10)
+    (x, _), = DeviceLoader(images, labels, batch_size=10, mean=MEAN, std=STD, train=False)
+    assert torch.equal(x, normalise(images, MEAN, STD))  # one multiply-add, from one place
 
 
 def test_torchvision_train_path_makes_normalised_batches():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import socket
@@ -351,3 +352,24 @@ def test_every_split_comes_in_a_seeded_random_order_not_class_by_class(tmp_path)
         assert set(first_half.tolist()) == {0, 1, 2}, split.labels.tolist()
     again = data.load(tmp_path / "imgs", val_per_class=4, cache_dir=tmp_path / "cache", seed=0)
     assert torch.equal(again.train.labels, d.train.labels) and torch.equal(again.val.images, d.val.images)
+
+
+def _relative_imports(module: Path) -> set[str]:
+    """``.x``, ``..y`` for every relative import of ``module`` (``from . import x`` counts as ``.x``)."""
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = "." * node.level + (node.module or "")
+            found |= {base} if node.module else {base + alias.name for alias in node.names}
+    return found
+
+
+def test_data_imports_nothing_above_it_and_the_cache_nothing_of_folders():
+    """The layering: data/ uses only its own modules (and the library's file-writing helpers); the cache stores
+    arrays and metadata and knows nothing of folders, which rebuilds its listing from that metadata."""
+    imports = {module.stem: _relative_imports(module) for module in Path(data.__file__).parent.glob("*.py")}
+    upward = {name: [i for i in sorted(found) if i.startswith("..") and i != ".._files"]
+              for name, found in imports.items()}
+    assert not any(upward.values()), upward
+    assert not {".folders", ".sources", ".loader"} & imports["cache"]
+    assert ".cache" in imports["folders"]

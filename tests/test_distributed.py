@@ -26,7 +26,7 @@ WORKER = textwrap.dedent(
     train = images.subset(rest)
     mean, std = channel_stats(train.images)
     data = DataSplits("synthetic", {"train": train, "val": images.subset(held)}, mean, std)
-    cfg = TrainConfig(epochs=2, batch_size=40, lr=0.1, quiet=True, crop_padding=0, flip=False, precision="fp32")
+    cfg = TrainConfig(epochs=2, batch_size=40, lr=0.1, crop_padding=0, flip=False, precision="fp32")
     runtime.seed_everything(0)
     resnet = build_model("resnet8", width=0.5)
     result = fit(resnet, data, cfg, device=world.device)
@@ -50,6 +50,31 @@ def test_a_single_process_is_a_world_of_one():
     assert distributed.all_reduce_sum(x) is x and distributed.broadcast_object("a") == "a"
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap_model(model, torch.device("cpu")) is model
+
+
+def test_torchrun_env_reads_torchrun_variables_and_nothing_outside_torchrun():
+    assert distributed.torchrun_env({}) is None and distributed.torchrun_env({"RANK": "0"}) is None
+    launch = distributed.torchrun_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert launch == distributed.TorchrunEnv(rank=3, world_size=4, local_rank=1)
+    assert distributed.torchrun_env({"RANK": "2", "WORLD_SIZE": "4"}).local_rank == 2  # one node: local = global
+
+
+def test_unwrap_strips_ddp_and_compile_in_either_order():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.module = torch.nn.Linear(2, 2)  # a child named "module" is not a wrapper
+    assert distributed.unwrap(model) is model
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        wrapped = [ddp, torch.compile(model), torch.compile(ddp), DistributedDataParallel(torch.compile(model)),
+                   torch.nn.DataParallel(model)]
+        assert all(distributed.unwrap(w) is model for w in wrapped)
+        assert list(distributed.unwrap(torch.compile(ddp)).state_dict()) == list(model.state_dict())
+    finally:
+        dist.destroy_process_group()
 
 
 def run_worker(tmp_path, nproc):

@@ -12,10 +12,11 @@ import torchvision
 
 from resnet_lessons.data import IMAGENET_MEAN, IMAGENET_STD, load
 from resnet_lessons.evaluate import infer, metrics_from_logits
-from resnet_lessons.finetune import imagenet_weights, load_weights_file, replace_head
+from resnet_lessons.finetune import replace_head
 from resnet_lessons.gradients import check_block_gradient
 from resnet_lessons.models import BasicBlock, build_model, shape_trace
 from resnet_lessons.train import TrainConfig, fit
+from resnet_lessons.weights import imagenet_weights, load_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def _tiny_data():
 # 8
 def test_fit_records_every_epoch():
     data = _tiny_data()
-    cfg = TrainConfig(model="resnet8", epochs=2, batch_size=50, quiet=True)
+    cfg = TrainConfig(model="resnet8", epochs=2, batch_size=50)
     result = fit(build_model("resnet8"), data, cfg, device=torch.device("cpu"))
     assert list(result.history["epoch"]) == [1, 2]
     assert {"train_loss", "val_loss", "val_accuracy", "lr", "seconds"} <= set(result.history.columns)
@@ -113,7 +114,7 @@ def test_fit_moves_the_model_to_the_device():
     model = build_model("resnet8")
     device = torch.device("cpu")
     with mock.patch.object(model, "to", wraps=model.to) as moved:
-        fit(model, _tiny_data(), TrainConfig(model="resnet8", epochs=1, batch_size=50, quiet=True), device=device)
+        fit(model, _tiny_data(), TrainConfig(model="resnet8", epochs=1, batch_size=50), device=device)
     assert any(call.args and call.args[0] == device for call in moved.call_args_list)
 
 

@@ -1,4 +1,4 @@
-"""Grad-CAM, saliency, feature maps, embeddings and retrieval on small models whose answers are known."""
+"""Grad-CAM, saliency, feature maps and embeddings on small models whose answers are known."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from resnet_lessons import explain
-from resnet_lessons.evaluate import normalise
+from resnet_lessons.data import normalise
 from resnet_lessons.models import build_model
 
 
@@ -68,7 +68,7 @@ def test_grad_cam_matches_its_definition_and_cleans_up() -> None:
     torch.manual_seed(0)
     model = TinyNet().train()
     x = torch.randn(3, 3, 16, 16)
-    cam = explain.grad_cam(model, x, "body", target=1, normalize=False)
+    cam = explain.grad_cam(model, x, "body", target=1, normalise=False)
     model.eval()
     activation = model.body(model.stem(x)).detach().requires_grad_(True)
     score = model.fc(activation.mean(dim=(2, 3)))[:, 1].sum()
@@ -151,67 +151,6 @@ def test_pca_embedding_matches_sklearn() -> None:
     assert explain.embed_2d(features[:20], "tsne", max_iter=250).shape == (20, 2)
     with pytest.raises(ValueError, match="unknown method"):
         explain.embed_2d(features, "umap")
-
-
-def test_nearest_neighbours_and_precision_on_a_toy_set() -> None:
-    gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
-    gallery_labels = torch.tensor([0, 0, 1, 1, 2])
-    queries = torch.tensor([[10.0, 0.5], [0.0, 3.0]])  # cosine ignores length
-    similarity, index = explain.nearest_neighbours(queries, gallery, k=3)
-    assert index[:, :2].tolist() == [[0, 1], [2, 3]]
-    brute = torch.nn.functional.cosine_similarity(queries[:, None], gallery[None], dim=2)
-    torch.testing.assert_close(similarity, brute.sort(dim=1, descending=True).values[:, :3])
-    precision = explain.precision_at_k(gallery_labels[index], torch.tensor([0, 1]))
-    torch.testing.assert_close(precision, torch.tensor([2 / 3, 2 / 3]))
-
-
-class MeanColour(nn.Module):
-    """Features = the mean of each channel: images of the same colour are each other's neighbours."""
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-
-def solid(rgb: tuple[int, int, int], size: int = 8) -> torch.Tensor:
-    return torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, size, size).clone()
-
-
-def test_search_finds_known_neighbours_and_reports_bad_items(tmp_path) -> None:
-    gallery = [solid((250, 0, 0)), solid((200, 20, 0)), solid((0, 250, 0)), solid((0, 0, 250)),
-               solid((250, 0, 0), size=16), solid((0, 200, 30))]
-    gallery_labels = [0, 0, 1, 2, 0, 1]
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    good = tmp_path / "green.png"
-    from PIL import Image
-
-    Image.fromarray(solid((10, 240, 10)).permute(1, 2, 0).numpy()).save(good)
-    queries = [solid((240, 10, 0)), solid((0, 0, 255), size=12), str(broken), good, "missing.jpg"]
-    query_labels = [0, 2, 0, 1, 1]
-    result = explain.search(MeanColour(), queries, gallery, mean=(0, 0, 0), std=(1, 1, 1), k=2,
-                            query_labels=query_labels, gallery_labels=gallery_labels)
-    assert result.query_index == [0, 3]
-    assert result.gallery_index == [0, 1, 2, 3, 5]
-    assert set(result.errors) == {"gallery 4", "query 1", "query 2", "query 4"}
-    assert "16x16" in result.errors["gallery 4"] and "8x8" in result.errors["gallery 4"]
-    assert "cannot read" in result.errors["query 2"]
-    assert result.indices().tolist() == [[0, 1], [2, 5]]
-    assert result.precision_at_k == pytest.approx(1.0)
-    assert result.neighbours["relevant"].all()
-
-
-def test_search_with_an_empty_query_set_or_gallery() -> None:
-    gallery = torch.stack([solid((250, 0, 0)), solid((0, 250, 0))])
-    result = explain.search(MeanColour(), [], gallery, mean=(0, 0, 0), std=(1, 1, 1), k=1)
-    assert "query set is empty" in result.errors["queries"]
-    assert result.neighbours.empty and np.isnan(result.precision_at_k)
-    result = explain.search(MeanColour(), gallery, [solid((1, 2, 3), size=4)], mean=(0, 0, 0), std=(1, 1, 1),
-                            k=1, image_size=8)
-    assert "gallery is empty" in result.errors["gallery"]
-    assert "4x4" in result.errors["gallery 0"]
 
 
 def test_the_plots_of_chapters_7_to_9_draw() -> None:

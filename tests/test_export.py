@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lessons import checkpoints, cli, export, monitor
-from resnet_lessons.data import channel_stats, make_synthetic
-from resnet_lessons.evaluate import evaluate, normalise
+from resnet_lessons import checkpoints, cli, compress, export, monitor
+from resnet_lessons.data import channel_stats, make_synthetic, normalise
+from resnet_lessons.evaluate import evaluate
 from resnet_lessons.models import build_model
 
 CLASSES = tuple(f"class{i}" for i in range(10))
@@ -122,6 +122,12 @@ def test_torchscript_carries_its_card_inside(tmp_path, model, card, images):
     assert export.read_card(result.path).classes == CLASSES
 
 
+def test_card_text_is_its_dict_as_json(tmp_path, card):
+    written = export.write_card(tmp_path / "m.pt", card)
+    assert written.read_text() == json.dumps(card.as_dict(), indent=2) + "\n"
+    assert card.as_dict()["classes"] == CLASSES and card.as_dict()["format"] == "resnet-lessons-export"
+
+
 def test_bad_cards_are_named(tmp_path):
     (tmp_path / "m.onnx.json").write_text("{not json")
     with pytest.raises(export.ExportError, match="not valid JSON"):
@@ -157,7 +163,7 @@ def test_export_rejects_bad_arguments(tmp_path, model, card, images):
 
 
 def test_static_int8_quantisation_runs_shrinks_and_stays_close(model, images, stats):
-    quantised = export.quantize_static(model, images[0][:128], mean=stats[0], std=stats[1], batches=2)
+    quantised = compress.quantize_static(model, images[0][:128], mean=stats[0], std=stats[1], batches=2)
     kinds = {type(m).__module__ for m in quantised.modules()}
     assert any(k.startswith("torch.ao.nn.quantized") or k.startswith("torch.ao.nn.intrinsic.quantized") for k in kinds)
     x = normalise(images[0][200:300], *stats)
@@ -165,7 +171,7 @@ def test_static_int8_quantisation_runs_shrinks_and_stays_close(model, images, st
         expected, got = model(x), quantised(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
-    assert export.serialized_size(quantised)[0] < 0.5 * export.serialized_size(model)[0]
+    assert compress.serialized_size(quantised)[0] < 0.5 * compress.serialized_size(model)[0]
     assert torch.equal(_reference(model, images[0][:4], stats), _reference(model, images[0][:4], stats))  # untouched
 
 
@@ -180,15 +186,32 @@ def test_resnet9_the_cpu_profile_network_exports_and_quantises(tmp_path, images,
     for fmt in ("onnx", "torchscript"):
         result = export.export_model(net, tmp_path / f"m.{fmt}", format=fmt, card=card, images=images[0][:32])
         assert result.comparison.ok and result.path.exists()  # export_model raises when the file does not match
-    quantised = export.quantize_static(net, images[0][:128], mean=stats[0], std=stats[1], batches=2)
+    quantised = compress.quantize_static(net, images[0][:128], mean=stats[0], std=stats[1], batches=2)
     x = normalise(images[0][200:300], *stats)
     with torch.no_grad():
         expected, got = net(x), quantised(x)
     assert (got - expected).abs().max() < 0.15 * expected.abs().max()
 
 
+def test_quantisation_runs_the_network_input_check_and_leaves_the_model_alone(model, images, stats):
+    with pytest.raises(ValueError, match="image of 2x2 is too small for resnet8"):
+        compress.quantize_static(model, images[0][:64, :, :2, :2], mean=stats[0], std=stats[1], batches=1)
+    assert "check_input" not in vars(model) and type(model).__name__ == "ResNet"
+
+
+def test_latency_is_positive_and_restores_threads_and_mode(model, images, stats):
+    threads, statistics = torch.get_num_threads(), model.bn1.running_mean.clone()
+    model.train()
+    try:
+        assert compress.latency_ms(model, normalise(images[0][:1], *stats), repeats=3, threads=1) > 0
+        assert model.training and torch.get_num_threads() == threads
+        assert torch.equal(model.bn1.running_mean, statistics)  # timed in eval mode: BatchNorm untouched
+    finally:
+        model.eval()
+
+
 def test_dynamic_quantisation_replaces_only_the_linear_layer(model, images, stats):
-    quantised = export.quantize_dynamic(model)
+    quantised = compress.quantize_dynamic(model)
     assert type(quantised.fc).__name__ == "Linear" and "dynamic" in type(quantised.fc).__module__
     assert isinstance(quantised.conv1, nn.Conv2d)
     with torch.no_grad():
@@ -198,31 +221,32 @@ def test_dynamic_quantisation_replaces_only_the_linear_layer(model, images, stat
 
 @pytest.mark.parametrize("amount", [0.3, 0.8])
 def test_global_pruning_reaches_the_asked_sparsity_with_the_smallest_weights(model, amount):
-    pruned = export.prune_global(model, amount)
-    weights = torch.cat([m.weight.detach().flatten() for m, _ in export.prunable_parameters(model)])
+    pruned = compress.prune_global(model, amount)
+    weights = torch.cat([m.weight.detach().flatten() for m, _ in compress.prunable_parameters(model)])
     k = round(amount * weights.numel())
-    assert export.sparsity(pruned) == pytest.approx(k / weights.numel())
+    assert compress.sparsity(pruned) == pytest.approx(k / weights.numel())
     # hand check: the zeros are the k weights of smallest magnitude over all layers together
-    kept = torch.cat([m.weight.detach().flatten() for m, _ in export.prunable_parameters(pruned)])
+    kept = torch.cat([m.weight.detach().flatten() for m, _ in compress.prunable_parameters(pruned)])
     threshold = weights.abs().kthvalue(k).values
     assert bool((weights.abs()[kept != 0] >= threshold).all()) and int((kept == 0).sum()) == k
     # permanent: plain parameters, no masks or hooks; the original is untouched
     assert not any(name.endswith(("_orig", "_mask")) for name in pruned.state_dict())
     assert all(not m._forward_pre_hooks for m in pruned.modules())
-    assert export.sparsity(model) == 0.0
+    assert compress.sparsity(model) == 0.0
     with pytest.raises(ValueError, match="amount must be in"):
-        export.prune_global(model, 1.0)
+        compress.prune_global(model, 1.0)
 
 
 def test_compare_variants_measures_each_variant(model, images, stats):
-    variants = {"fp32": model, "pruned": export.prune_global(model, 0.5)}
-    table = export.compare_variants(variants, images[0][:100], images[1][:100], mean=stats[0], std=stats[1],
-                                    latency_repeats=3)
+    variants = {"fp32": model, "pruned": compress.prune_global(model, 0.5)}
+    table = compress.compare_variants(variants, images[0][:100], images[1][:100], mean=stats[0], std=stats[1],
+                                      latency_repeats=3)
     assert list(table.index) == ["fp32", "pruned"]
     assert {"accuracy", "agrees with fp32", "size_kB", "zipped_kB", "sparsity", "latency_ms"} <= set(table.columns)
     reference = evaluate(model, images[0][:100], images[1][:100], classes=CLASSES, mean=stats[0], std=stats[1])
     assert table.loc["fp32", "accuracy"] == pytest.approx(reference.accuracy)
-    assert table.loc["fp32", "agrees with fp32"] == 1.0 and table.loc["pruned", "sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert table.loc["fp32", "agrees with fp32"] == 1.0
+    assert table.loc["pruned", "sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert table.loc["pruned", "zipped_kB"] < table.loc["fp32", "zipped_kB"]  # zeros compress; dense size does not
     assert (table["latency_ms"] > 0).all()
 
@@ -268,11 +292,18 @@ def test_a_flip_changes_no_statistic_so_it_passes(drift_data):
 
 def test_drift_reference_round_trips_as_json(drift_data):
     reference, fresh = drift_data
-    again = monitor.DriftReference.from_dict(json.loads(json.dumps(reference.to_dict())))
+    again = monitor.DriftReference.from_dict(json.loads(json.dumps(reference.as_dict())))
     assert again == reference
     assert again.check(fresh).score == reference.check(fresh).score
     with pytest.raises(ValueError, match="unknown shift 'rain'"):
         monitor.shift_images(fresh, "rain")
+
+
+def test_drift_report_as_dict_is_one_table_row(drift_data):
+    reference, fresh = drift_data
+    row = reference.check(fresh[:60]).as_dict()
+    assert list(row) == ["images", "score", "threshold", "drifted", "worst feature", "brightness PSI"]
+    assert row["images"] == 60 and row["drifted"] is False
 
 
 # --- the command line -----------------------------------------------------------------------------------
@@ -290,7 +321,8 @@ def test_cli_exports_torchscript_and_verifies_on_real_images(tmp_path, checkpoin
 
 def test_cli_exports_onnx_and_keeps_an_existing_file_when_verification_fails(tmp_path, checkpoint_file, capsys):
     out = tmp_path / "model.onnx"
-    assert cli.main(["export", str(checkpoint_file), "--format", "onnx", "--out", str(out), "--verify-images", "8"]) == 0
+    code = cli.main(["export", str(checkpoint_file), "--format", "onnx", "--out", str(out), "--verify-images", "8"])
+    assert code == 0
     assert "random images" in capsys.readouterr().out
     before = out.read_bytes()
     code = cli.main(["export", str(checkpoint_file), "--format", "onnx", "--out", str(out), "--tolerance", "1e-30",

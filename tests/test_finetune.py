@@ -3,6 +3,7 @@ what a strategy freezes and which learning rate each group gets, BatchNorm stati
 the transfer-experiment helpers, and bad input. Tiny models on 16x16 synthetic data; no network."""
 
 import json
+import socket
 import urllib.error
 
 import pytest
@@ -15,12 +16,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from resnet_lessons import checkpoints, runtime, transfer
 from resnet_lessons import finetune as ft
-from resnet_lessons.data import make_synthetic
+from resnet_lessons import weights as wt
+from resnet_lessons.data import few_labels, make_synthetic, resize_splits, select_classes, sources
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig
 
 DATA = tiny_data()
-CFG = TrainConfig(model="resnet8", epochs=1, batch_size=30, lr=0.5, quiet=True, schedule="constant",
+CFG = TrainConfig(model="resnet8", epochs=1, batch_size=30, lr=0.5, schedule="constant",
                   crop_padding=2)
 
 
@@ -77,6 +79,20 @@ def test_frozen_batchnorm_stays_in_eval_mode_under_train():
     ft.set_trainable(model, ["layer3"])
     model.train()
     assert all(m.training == n.startswith("layer3") for n, m in norms.items())
+
+
+def test_the_batchnorm_rule_keeps_the_same_tensors_and_the_state_dict():
+    model = tiny_model()
+    before = {name: id(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    keys = list(model.state_dict())
+    ft.prepare(model, "linear", lr=0.1, weight_decay=0.0)
+    ft.prepare(model, "gradual", lr=0.1, weight_decay=0.0)  # a second time changes nothing more
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is ft.FreezableBatchNorm2d for m in norms)
+    assert {name: id(t) for name, t in [*model.named_parameters(), *model.named_buffers()]} == before
+    assert list(model.state_dict()) == keys
+    ft.set_trainable(model, ft.stages(model))
+    assert all(m.training for m in model.train().modules())  # nothing frozen: every layer trains
 
 
 def test_parameter_groups_carry_the_intended_learning_rates():
@@ -164,33 +180,46 @@ def test_offline_error_names_the_hub_cache_and_the_local_file_option(tmp_path, m
         raise urllib.error.URLError("no network in this test")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ft.WeightsUnavailable) as caught:
+    with pytest.raises(wt.WeightsUnavailable) as caught:
         ft.pretrained_model("resnet18", 10, "imagenet", hub_dir=tmp_path)
     message = str(caught.value)
     folder = tmp_path / "checkpoints"
     assert str(folder / "resnet18-f37072fd.pth") in message and "no network in this test" in message
     assert "--weights" in message and "ResNet18_Weights.IMAGENET1K_V1" in message
-    with pytest.raises(ft.WeightsUnavailable, match="download=False"):
-        ft.load_weights("imagenet", "resnet18", hub_dir=tmp_path / "other", download=False)
+    with pytest.raises(wt.WeightsUnavailable, match="download=False"):
+        wt.load_weights("imagenet", "resnet18", hub_dir=tmp_path / "other", download=False)
 
 
 def test_weights_placed_by_hand_in_the_hub_cache_load_without_network(tmp_path, monkeypatch, tv18_file):
     path, reference = tv18_file
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried the network"))
-    folder = ft.hub_checkpoint_dir(tmp_path)
+    folder = wt.hub_checkpoint_dir(tmp_path)
     folder.mkdir(parents=True)
-    (folder / ft.weights_file_name("resnet18")).write_bytes(path.read_bytes())
-    loaded = ft.load_weights("imagenet", "resnet18", hub_dir=tmp_path)
+    (folder / wt.weights_file_name("resnet18")).write_bytes(path.read_bytes())
+    loaded = wt.load_weights("imagenet", "resnet18", hub_dir=tmp_path)
     assert loaded.source == "ResNet18_Weights.IMAGENET1K_V1" and loaded.num_outputs == 1000
     assert torch.equal(loaded.state["conv1.weight"], reference.conv1.weight)
 
 
+def test_a_weights_download_runs_under_a_socket_timeout(tmp_path, monkeypatch, tv18_file):
+    seen = []
+
+    def spy(url, **kwargs):
+        seen.append(socket.getdefaulttimeout())
+        return torch.load(tv18_file[0], weights_only=True)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", spy)
+    previous = socket.getdefaulttimeout()
+    assert wt.load_weights("imagenet", "resnet18", hub_dir=tmp_path).num_outputs == 1000
+    assert seen == [sources.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == previous
+
+
 def test_imagenet_weights_use_the_weights_enum_not_pretrained_true():
-    member = ft.imagenet_weights("resnet18")
+    member = wt.imagenet_weights("resnet18")
     assert member is torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    assert ft.imagenet_weights("resnet50", "IMAGENET1K_V2").url.endswith(".pth")
-    with pytest.raises(ft.WeightsError, match="resnet20"):
-        ft.imagenet_weights("resnet20")
+    assert wt.imagenet_weights("resnet50", "IMAGENET1K_V2").url.endswith(".pth")
+    with pytest.raises(wt.WeightsError, match="resnet20"):
+        wt.imagenet_weights("resnet20")
 
 
 # --- our own checkpoints, and bad input -------------------------------------------------------------------
@@ -204,9 +233,9 @@ def save_checkpoint(path, model, classes, name="resnet8", options=None):
 
 def test_own_checkpoint_head_must_fit_unless_a_new_head_is_asked_for(tmp_path):
     path = save_checkpoint(tmp_path / "animals.pt", tiny_model(num_classes=6), DATA.classes[:6])
-    with pytest.raises(ft.WeightsError, match="6 outputs.*--new-head"):
+    with pytest.raises(wt.WeightsError, match="6 outputs.*--new-head"):
         ft.pretrained_model("resnet8", 4, path)
-    with pytest.raises(ft.WeightsError, match="new-head"):  # same count, other class names
+    with pytest.raises(wt.WeightsError, match="new-head"):  # same count, other class names
         ft.pretrained_model("resnet8", 6, path, classes=DATA.classes[4:])
     kept = ft.pretrained_model("resnet8", 6, path, classes=DATA.classes[:6])
     assert kept.new_modules == () and kept.mean == (0.5, 0.5, 0.5)  # the checkpoint's normalisation
@@ -216,14 +245,14 @@ def test_own_checkpoint_head_must_fit_unless_a_new_head_is_asked_for(tmp_path):
 
 def test_weights_for_another_architecture_name_both(tmp_path, tv18_file):
     path, _ = tv18_file
-    with pytest.raises(ft.WeightsError, match="resnet18.*resnet50"):
+    with pytest.raises(wt.WeightsError, match="resnet18.*resnet50"):
         ft.pretrained_model("resnet50", 10, path)
     own = save_checkpoint(tmp_path / "r8.pt", tiny_model(), DATA.classes)
-    with pytest.raises(ft.WeightsError, match="resnet8.*resnet20"):
+    with pytest.raises(wt.WeightsError, match="resnet8.*resnet20"):
         ft.pretrained_model("resnet20", 10, own)
     narrow = tmp_path / "narrow.pth"
     torch.save(build_model("resnet18", num_classes=1000, width=0.5).state_dict(), narrow)
-    with pytest.raises(ft.WeightsError, match="shape"):
+    with pytest.raises(wt.WeightsError, match="shape"):
         ft.pretrained_model("resnet18", 10, narrow)
 
 
@@ -244,15 +273,15 @@ def test_files_that_are_not_state_dicts_or_are_corrupt(tmp_path, tv18_file, cont
         torch.save(torch.zeros(3), path)
     else:
         path.write_bytes(content)
-    with pytest.raises(ft.WeightsError, match=match):
+    with pytest.raises(wt.WeightsError, match=match):
         ft.pretrained_model("resnet18", 10, path)
 
 
 def test_unknown_strategy_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="linear, full, discriminative, gradual"):
         ft.prepare(tiny_model(), "freeze-half", lr=0.1, weight_decay=0.0)
-    with pytest.raises(ft.WeightsError, match="no weights file"):
-        ft.load_weights(tmp_path / "missing.pth", "resnet18")
+    with pytest.raises(wt.WeightsError, match="no weights file"):
+        wt.load_weights(tmp_path / "missing.pth", "resnet18")
 
 
 # --- the transfer experiment's helpers ----------------------------------------------------------------------
@@ -263,18 +292,18 @@ def test_class_subsets_and_few_labels():
     assert source == DATA.classes[:6] and target == DATA.classes[6:]
     assert transfer.transfer_classes(("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                       "ship", "truck")) == (transfer.CIFAR10_ANIMALS, transfer.CIFAR10_VEHICLES)
-    vehicles = transfer.select_classes(DATA, target)
+    vehicles = select_classes(DATA, target)
     assert vehicles.classes == target and set(vehicles.train.labels.tolist()) == {0, 1, 2, 3}
     assert len(vehicles.val) == 4 * 3
-    few = transfer.few_labels(vehicles, 0.25, seed=0)
+    few = few_labels(vehicles, 0.25, seed=0)
     assert list(few.train.counts().values()) == [2, 2, 2, 2] and few.val is vehicles.val
-    assert list(transfer.few_labels(vehicles, 0.001).train.counts().values()) == [1, 1, 1, 1]
+    assert list(few_labels(vehicles, 0.001).train.counts().values()) == [1, 1, 1, 1]
     cfg = transfer.steps_config(CFG, n_train=8, min_steps=5)
     assert cfg.batch_size == 8 and cfg.epochs == 5
 
 
 def test_upsampling_and_input_costs():
-    big = transfer.resize(DATA, 24)
+    big = resize_splits(DATA, 24)
     assert big.train.image_size == (24, 24) and big.train.images.dtype == torch.uint8
     costs = transfer.input_handling_costs("resnet18", transfer.INPUT_HANDLING[:3])
     article, cifar, up64 = costs["GMACs per image"]
@@ -348,7 +377,7 @@ def test_transfer_experiment_runs_end_to_end_and_its_figures_draw():
 
     from resnet_lessons import plots
 
-    cfg = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=1, batch_size=16, lr=0.1, quiet=True,
+    cfg = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=1, batch_size=16, lr=0.1,
                       crop_padding=2)
     result = transfer.transfer_experiment(DATA, model_name="resnet8", model_options={"width": 0.5},
                                           pretrain_cfg=cfg, finetune_cfg=cfg, fractions=(0.2, 0.5),
@@ -373,9 +402,9 @@ def test_finetune_command_with_imagenet_weights_placed_in_the_hub_cache(tmp_path
     """The --weights imagenet path end to end, with a torchvision-format file placed by hand (random weights:
     this checks the plumbing, not what ImageNet weights reach); upsampled images and predict agree on the size."""
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried the network"))
-    folder_hub = ft.hub_checkpoint_dir(tmp_path / "hub")
+    folder_hub = wt.hub_checkpoint_dir(tmp_path / "hub")
     folder_hub.mkdir(parents=True)
-    (folder_hub / ft.weights_file_name("resnet18")).write_bytes(tv18_file[0].read_bytes())
+    (folder_hub / wt.weights_file_name("resnet18")).write_bytes(tv18_file[0].read_bytes())
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "finetune", "--weights", "imagenet", "--hub-dir", tmp_path / "hub", "--data",
                            folder, "--out", out, "--profile", "smoke", "--epochs", "1", "--image-size", "40")

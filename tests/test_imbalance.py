@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, recall_score
 from tiny import tiny_data
 
-from resnet_lessons import imbalance, runtime
+from resnet_lessons import imbalance, metrics, runtime
 from resnet_lessons.data import DataSplits, DeviceLoader, channel_stats, make_synthetic, stratified_split
 from resnet_lessons.models import build_model
 from resnet_lessons.train import TrainConfig, fit
@@ -76,7 +76,8 @@ def test_class_balanced_weights_give_each_class_the_same_total():
     root = imbalance.class_balanced_weights(labels, power=0.5)  # square-root sampling: shares 8**0.5 : 4**0.5 : 1
     shares = torch.zeros(3, dtype=torch.float64).index_add_(0, labels, root)
     assert torch.allclose(shares, torch.tensor([8**0.5, 2.0, 1.0], dtype=torch.float64) / (8**0.5 + 3))
-    assert torch.allclose(imbalance.class_balanced_weights(labels, power=0), torch.full((13,), 1 / 13, dtype=torch.float64))
+    assert torch.allclose(imbalance.class_balanced_weights(labels, power=0),
+                          torch.full((13,), 1 / 13, dtype=torch.float64))
 
 
 def test_loader_with_class_balanced_weights_draws_the_classes_near_uniformly():
@@ -158,7 +159,8 @@ def test_weighted_cross_entropy_is_torchs_weighted_mean():
     loss = imbalance.WeightedCrossEntropy(weight)(logits, labels)
     per_image = F.cross_entropy(logits, labels, reduction="none")
     assert torch.allclose(loss, (weight[labels] * per_image).sum() / weight[labels].sum())
-    assert torch.allclose(imbalance.WeightedCrossEntropy(torch.ones(5))(logits, labels), F.cross_entropy(logits, labels))
+    assert torch.allclose(imbalance.WeightedCrossEntropy(torch.ones(5))(logits, labels),
+                          F.cross_entropy(logits, labels))
 
 
 def test_focal_loss_with_gamma_0_is_the_cross_entropy_and_matches_a_hand_calculation():
@@ -166,7 +168,8 @@ def test_focal_loss_with_gamma_0_is_the_cross_entropy_and_matches_a_hand_calcula
     assert torch.allclose(imbalance.FocalLoss(gamma=0)(logits, labels), F.cross_entropy(logits, labels))
     # one image, logits (0, ln 3): p = (1/4, 3/4); label 1, gamma 2: -(1/4)^2 ln(3/4)
     one = torch.tensor([[0.0, math.log(3)]])
-    assert math.isclose(imbalance.FocalLoss(2)(one, torch.tensor([1])).item(), -(0.25**2) * math.log(0.75), rel_tol=1e-6)
+    assert math.isclose(imbalance.FocalLoss(2)(one, torch.tensor([1])).item(), -(0.25**2) * math.log(0.75),
+                        rel_tol=1e-6)
     alpha = torch.tensor([2.0, 0.5])
     assert math.isclose(imbalance.FocalLoss(2, alpha)(one, torch.tensor([0])).item(),
                         -2.0 * 0.75**2 * math.log(0.25), rel_tol=1e-6)
@@ -219,14 +222,14 @@ def test_recall_and_balanced_accuracy_match_scikit_learn():
     logits, labels = logits_labels(n=200, c=4, seed=1)
     labels = torch.where(torch.arange(200) < 120, torch.zeros_like(labels), labels)  # class 0 dominates
     preds = logits.argmax(1)
-    assert torch.allclose(imbalance.per_class_recall(logits, labels, 4),
+    assert torch.allclose(metrics.per_class_recall(logits, labels, 4),
                           torch.tensor(recall_score(labels, preds, average=None), dtype=torch.float64))
-    assert math.isclose(imbalance.balanced_accuracy(logits, labels), balanced_accuracy_score(labels, preds))
-    assert math.isclose(imbalance.balanced_accuracy(preds, labels, 4), balanced_accuracy_score(labels, preds))
+    assert math.isclose(metrics.balanced_accuracy(logits, labels), balanced_accuracy_score(labels, preds))
+    assert math.isclose(metrics.balanced_accuracy(preds, labels, 4), balanced_accuracy_score(labels, preds))
     # a class absent from the labels is left out, as scikit-learn does
     few = torch.tensor([0, 0, 1, 1])
-    assert math.isclose(imbalance.balanced_accuracy(torch.tensor([0, 1, 1, 1]), few, 3), 0.75)
-    assert math.isnan(imbalance.per_class_recall(torch.tensor([0, 1, 1, 1]), few, 3)[2])
+    assert math.isclose(metrics.balanced_accuracy(torch.tensor([0, 1, 1, 1]), few, 3), 0.75)
+    assert math.isnan(metrics.per_class_recall(torch.tensor([0, 1, 1, 1]), few, 3)[2])
 
 
 def test_recall_table_sorts_by_training_count_and_summarises_head_and_tail():
@@ -259,7 +262,7 @@ class Recorder(torch.nn.Module):
         return F.cross_entropy(logits, labels) * self.scale
 
 
-CFG = TrainConfig(model="resnet8", model_options={"width": 0.25}, epochs=2, batch_size=10, lr=0.1, quiet=True,
+CFG = TrainConfig(model="resnet8", model_options={"width": 0.25}, epochs=2, batch_size=10, lr=0.1,
                   label_smoothing=0.0)
 
 
@@ -289,7 +292,7 @@ def test_fit_with_the_default_loss_is_unchanged_by_the_new_arguments():
 
 def test_fit_refuses_a_loss_together_with_label_smoothing():
     with pytest.raises(ValueError, match="label_smoothing"):
-        fit(build_model("resnet8", width=0.25), tiny_data(), TrainConfig(label_smoothing=0.1, quiet=True),
+        fit(build_model("resnet8", width=0.25), tiny_data(), TrainConfig(label_smoothing=0.1),
             device="cpu", loss_fn=imbalance.FocalLoss())
 
 

@@ -111,8 +111,8 @@ def test_flip_tta_averages_the_logits_of_image_and_mirror() -> None:
 
 
 def test_speed_benchmark_uses_the_same_tta_rule() -> None:
-    speed = pytest.importorskip("resnet_lessons.speed")
-    assert speed.average_logits is metrics.average_logits
+    evaluate = pytest.importorskip("resnet_lessons.evaluate")  # where the benchmark's flip_tta_accuracy lives
+    assert evaluate.average_logits is metrics.average_logits
 
 
 def test_accuracy_se_by_hand() -> None:
@@ -204,7 +204,8 @@ def test_corruptions() -> None:
     assert (noisy.float() / 255).std().item() == pytest.approx(0.10, rel=0.05)
     flat = torch.full((1, 3, 8, 8), 77, dtype=torch.uint8)
     assert torch.equal(metrics.corrupt(flat, "gaussian_blur", 5), flat)
-    assert torch.equal(metrics.corrupt(images, "gaussian_noise", 3, seed=4), metrics.corrupt(images, "gaussian_noise", 3, seed=4))
+    assert torch.equal(metrics.corrupt(images, "gaussian_noise", 3, seed=4),
+                       metrics.corrupt(images, "gaussian_noise", 3, seed=4))
 
 
 def test_blur_matches_torchvision() -> None:

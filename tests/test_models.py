@@ -11,6 +11,10 @@ from resnet_lessons.models import (
     MODELS,
     BasicBlock,
     Bottleneck,
+    PreActResNet,
+    ResNet,
+    ResNet9,
+    ResNetBase,
     ZeroPadShortcut,
     build_model,
     count_flops,
@@ -211,3 +215,20 @@ def test_resnet9_shapes_blocks_and_logit_scale() -> None:
         model(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="no option 'stem'"):
         build_model("resnet9", stem="cifar")
+
+
+@pytest.mark.parametrize("name", ["resnet8", "plain20", "resnet18", "resnet9", "preact_resnet8"])
+def test_every_network_shares_one_base_and_restores_its_mode(name: str) -> None:
+    model = build_model(name, width=0.5)
+    assert isinstance(model, ResNetBase) and isinstance(model, ResNet) == (name not in ("resnet9", "preact_resnet8"))
+    for method in ("check_input", "stem_and_stages", "add_stage"):
+        assert all(method not in vars(cls) for cls in (ResNet, ResNet9, PreActResNet))  # inherited, not copied
+    assert model.stage_names == [f"layer{i + 1}" for i in range(len(model.stages))]
+    model.train()
+    count_flops(model)
+    shape_trace(model)
+    assert model.training
+    model.eval()
+    count_flops(model)
+    assert not model.training
+

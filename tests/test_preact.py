@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_lessons import checkpoints, export
-from resnet_lessons.evaluate import normalise
+from resnet_lessons.data import normalise
 from resnet_lessons.models import (
     MODELS,
     PreActBlock,

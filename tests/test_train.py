@@ -6,7 +6,7 @@ import torch
 from tiny import tiny_data
 from torch import nn
 
-from resnet_lessons import checkpoints, runtime
+from resnet_lessons import budget, checkpoints, runtime
 from resnet_lessons.data import DataSplits
 from resnet_lessons.models import build_model
 from resnet_lessons.optim import lr_at, make_optimizer, schedule_curve
@@ -14,6 +14,7 @@ from resnet_lessons.profiles import get_profile
 from resnet_lessons.train import (
     CHECKPOINT_NAME,
     Hook,
+    RunOptions,
     StopTraining,
     TrainConfig,
     TrainingDiverged,
@@ -23,7 +24,7 @@ from resnet_lessons.train import (
 )
 
 DATA = tiny_data(per_class=24, val_per_class=6)
-CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2, quiet=True,
+CFG = TrainConfig(model="resnet8", model_options={"width": 0.5}, epochs=3, batch_size=30, lr=0.2,
                   precision="fp32")  # exact comparisons: the same arithmetic on every CPU
 
 
@@ -54,7 +55,8 @@ def test_step_schedule_matches_torch_multistep():
 def test_cosine_after_warmup_matches_torch_cosine_annealing():
     cfg = replace(CFG, schedule="cosine", lr=0.4, warmup_fraction=0.2, final_factor=0.0)
     total, warmup = 50, 10
-    assert [lr_at(s, total, cfg) for s in range(warmup)] == pytest.approx([0.4 * (s + 1) / warmup for s in range(warmup)])
+    assert [lr_at(s, total, cfg) for s in range(warmup)] == pytest.approx(
+        [0.4 * (s + 1) / warmup for s in range(warmup)])
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.4)
     reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - 1 - warmup, eta_min=0.0)
     for step in range(warmup, total):
@@ -82,7 +84,8 @@ def test_no_weight_decay_on_batchnorm_and_bias_unless_asked():
     assert len(everything) == 1 and everything[0]["weight_decay"] == CFG.weight_decay
 
 
-@pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
+@pytest.mark.parametrize("name,kind",
+                         [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
 def test_optimizer_choice(name, kind):
     optimizer = make_optimizer(tiny_model(), replace(CFG, optimizer=name))
     assert type(optimizer) is kind
@@ -93,8 +96,10 @@ def test_optimizer_choice(name, kind):
 def test_config_from_profile_takes_the_profile_recipe():
     profile = get_profile("cpu")
     cfg = config_from_profile(profile, epochs=2)
-    assert (cfg.model, cfg.batch_size, cfg.lr, cfg.weight_decay) == (profile.model, profile.batch_size, profile.lr, profile.weight_decay)
-    assert (cfg.label_smoothing, cfg.seed, cfg.epochs, cfg.optimizer, cfg.schedule) == (profile.label_smoothing, profile.seed, 2, "sgd", "onecycle")
+    assert (cfg.model, cfg.batch_size, cfg.lr, cfg.weight_decay) == (
+        profile.model, profile.batch_size, profile.lr, profile.weight_decay)
+    assert (cfg.label_smoothing, cfg.seed, cfg.epochs, cfg.optimizer, cfg.schedule) == (
+        profile.label_smoothing, profile.seed, 2, "sgd", "onecycle")
     with pytest.raises(TypeError, match="no field"):
         config_from_profile(profile, epoch=3)
     assert (cfg.precision, config_from_profile(get_profile("smoke")).precision) == ("auto", "fp32")
@@ -136,7 +141,8 @@ def test_fit_learns_records_history_and_is_deterministic():
     result = fit(a, DATA, CFG, device="cpu", hooks=[rows.append])
     fit(b, DATA, CFG, device="cpu")
     history = result.history
-    assert list(history.columns[:7]) == ["epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    assert list(history.columns[:7]) == [
+        "epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     assert history["epoch"].tolist() == [1, 2, 3] and len(rows) == 3 and rows[-1]["epoch"] == 3
     steps_per_epoch = len(DATA.train) // CFG.batch_size
     assert result.steps == result.total_steps == 3 * steps_per_epoch
@@ -182,12 +188,16 @@ def test_early_stopping_restores_the_weights_of_the_best_epoch():
     # Validation labels shuffled: the train fit does not carry over, so the best epoch comes early.
     generator = torch.Generator().manual_seed(1)
     val = DATA.val
-    noisy = DataSplits(DATA.source, {"train": DATA.train, "val": type(val)(val.images, val.labels[torch.randperm(len(val), generator=generator)], val.classes)}, DATA.mean, DATA.std)
+    shuffled = type(val)(val.images, val.labels[torch.randperm(len(val), generator=generator)], val.classes)
+    noisy = DataSplits(DATA.source, {"train": DATA.train, "val": shuffled}, DATA.mean, DATA.std)
     snapshots = {}
     model = tiny_model()
-    hook = lambda row: snapshots.__setitem__(row["epoch"], {k: v.clone() for k, v in model.state_dict().items()})
-    cfg = replace(CFG, epochs=8, patience=2, monitor="val_loss", lr=0.4)
-    result = fit(model, noisy, cfg, device="cpu", hooks=[hook])
+
+    def hook(row):
+        snapshots[row["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    cfg = replace(CFG, epochs=8, lr=0.4)
+    result = fit(model, noisy, cfg, device="cpu", hooks=[hook], options=RunOptions(patience=2, monitor="val_loss"))
     best = int(result.history["val_loss"].idxmin()) + 1
     assert result.best_epoch == best and result.best_score == pytest.approx(result.history["val_loss"].min())
     if result.stopped == "early_stopping":
@@ -220,8 +230,8 @@ def test_budget_run_replans_after_each_epoch(monkeypatch):
 
     monkeypatch.setattr(train_module.time, "perf_counter", clock)
     cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=10.0, budget_probe_steps=3)  # 18 steps per epoch
-    real_plan = train_module._plan_budget
-    monkeypatch.setattr(train_module, "_plan_budget", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    real_plan = budget.plan_steps
+    monkeypatch.setattr(budget, "plan_steps", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     result = fit(tiny_model(), DATA, cfg, device="cpu")
     assert len(plans) == len(result.history) and plans[1] > 1.5 * plans[0]  # epoch 1 showed that many more fit
     assert result.stopped == "budget" and result.steps == result.total_steps == plans[-1]
@@ -239,8 +249,8 @@ def test_budget_run_that_slows_down_still_ends_within_its_budget(monkeypatch):
         return now[0]
 
     monkeypatch.setattr(train_module.time, "perf_counter", clock)
-    real_plan = train_module._plan_budget
-    monkeypatch.setattr(train_module, "_plan_budget", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    real_plan = budget.plan_steps
+    monkeypatch.setattr(budget, "plan_steps", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=10.0, budget_probe_steps=3)
     result = fit(tiny_model(), DATA, cfg, device="cpu")
     assert len(plans) >= 3 and plans[-1] < plans[1]  # the slow epoch made the plan shrink
@@ -252,9 +262,9 @@ def test_the_deadline_guard_scales_the_remaining_work_by_the_slowdown_of_the_las
 
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: 9.5)
     # planned: 0.1 s per step, 0.2 s for the last validation; budget 10 s, started at 0
-    assert not train_module._past_deadline(10.0, 0.0, 9.4, 0.1, 0.2)  # on plan: 9.5 + 0.3 fits
-    assert train_module._past_deadline(10.0, 0.0, 9.0, 0.1, 0.2)  # the step took 0.5 s: 9.5 + 5 * 0.3 does not
-    assert not train_module._past_deadline(10.0, 0.0, 9.0, 0.0, 0.0)  # before any plan only an overrun stops
+    assert not budget.past_deadline(10.0, 0.0, 9.4, 0.1, 0.2)  # on plan: 9.5 + 0.3 fits
+    assert budget.past_deadline(10.0, 0.0, 9.0, 0.1, 0.2)  # the step took 0.5 s: 9.5 + 5 * 0.3 does not
+    assert not budget.past_deadline(10.0, 0.0, 9.0, 0.0, 0.0)  # before any plan only an overrun stops
 
 
 def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path):
@@ -365,7 +375,8 @@ def test_param_groups_step_with_their_share_of_the_scheduled_lr_and_frozen_ones_
         for i in range(len(optimizer.param_groups)):
             pairs = [(p.detach() - old, grad) for p, old, grad in before[i]]
             if pairs:
-                step[i] = float(-sum((d * grad).sum() for d, grad in pairs) / sum((grad * grad).sum() for _, grad in pairs))
+                step[i] = float(-sum((d * grad).sum() for d, grad in pairs)
+                                / sum((grad * grad).sum() for _, grad in pairs))
         used.append(step)
 
     unfreeze = lambda row: model[1].requires_grad_(True)  # noqa: E731

@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 TEMP_SUFFIX = ".tmp"  # temporaries are named .<target>.<random>.tmp
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp's 8 random characters
 LOCK_NAME = ".resnet-lessons.lock"
 WRITE_PROBE = "write-test"  # check_writable's probe: .write-test.<random>.tmp
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symbolic-link flag to open with
-Content = Union[bytes, str, Callable[[IO[bytes]], object]]
+Content = bytes | str | Callable[[IO[bytes]], object]
 
 
 def _read_umask() -> int:

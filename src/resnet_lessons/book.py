@@ -30,14 +30,7 @@ from .profiles import Profile, Settings, from_env
 
 def load_for_profile(profile: Profile, source: str, *, download: bool = True) -> DataSplits:
     """The data a profile asks for from ``source``: its split sizes, subset and seed."""
-    return load(
-        source,
-        val_per_class=profile.val_per_class,
-        train_per_class=profile.train_per_class,
-        synthetic_per_class=profile.synthetic_per_class,
-        seed=profile.seed,
-        download=download,
-    )
+    return load(source, seed=profile.seed, download=download, **profile.data_sizes())
 
 
 class ChapterClock:
@@ -111,6 +104,10 @@ class Session:
     def recipe(self, fraction: float, runs: int = 1, **overrides: Any) -> train.TrainConfig:
         """The profile's recipe with ``budget_seconds`` set to this run's share of the chapter's budget."""
         return train.config_from_profile(self.profile, budget_seconds=self.budget(fraction, runs), **overrides)
+
+    def options(self, **overrides: Any) -> train.RunOptions:
+        """The profile's run options (quiet in a rendered book, its validation batch size), with ``overrides``."""
+        return train.options_from_profile(self.profile, **overrides)
 
 
 def _load_with_fallback(settings: Settings) -> tuple[DataSplits, str | None]:
@@ -213,7 +210,7 @@ def _show(html_text: str, plain: str) -> None:
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:
-        get_ipython = None  # type: ignore[assignment]
+        get_ipython = None
     if get_ipython is not None and get_ipython() is not None:
         display({"text/html": html_text, "text/plain": plain}, raw=True)
     else:
@@ -265,9 +262,8 @@ def reference_recipe(profile: Profile) -> train.TrainConfig:
 
 def reference_key(profile: Profile, data: DataSplits, cfg: train.TrainConfig) -> str:
     """A digest of what the reference model depends on: profile, recipe (not run options) and every image."""
-    recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("quiet",)}
     digest = hashlib.sha256(json.dumps(
-        {"profile": profile.name, "recipe": recipe, "classes": list(data.classes), "library": __version__},
+        {"profile": profile.name, "recipe": cfg.as_dict(), "classes": list(data.classes), "library": __version__},
         sort_keys=True).encode())
     for name in ("train", "val"):
         split = data[name]
@@ -311,8 +307,9 @@ def reference_model(session: Session, *, cache_dir: str | Path | None = None) ->
         return Reference(model=model, history=saved.history_frame(), cfg=cfg, path=path, trained_now=False,
                          seconds=float(saved.extra["seconds"]), epochs=float(saved.extra["epochs"]))
     runtime.seed_everything(profile.seed)
+    assert cfg.model is not None  # the profile's recipe names its network
     model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_options)
-    result = train.fit(model, data, cfg, device=session.device)
+    result = train.fit(model, data, cfg, device=session.device, options=session.options())
     payload = checkpoints.make_checkpoint(
         model, model_name=cfg.model, model_options=cfg.model_options, classes=data.classes, mean=data.mean,
         std=data.std, history=result.history,
@@ -322,3 +319,35 @@ def reference_model(session: Session, *, cache_dir: str | Path | None = None) ->
         checkpoints.save(payload, path)
     return Reference(model=model.eval(), history=result.history, cfg=cfg, path=path, trained_now=True,
                      seconds=result.seconds, epochs=result.epochs_trained)
+
+
+# --- benchmark results: what the chapters show from bench/results ----------------------------------
+
+
+def results_dirs() -> list[Path]:
+    """Where ``bench/results`` may be: next to a chapter (``../bench/results``), in the working directory, and
+    in the repository checkout the package was installed from (editable installs)."""
+    package_root = Path(__file__).resolve().parents[2]
+    return [Path("../bench/results"), Path("bench/results"), package_root / "bench" / "results"]
+
+
+def find_result(name: str) -> tuple[dict[str, Any] | None, Path | None]:
+    """The benchmark result ``bench/results/<name>.json`` and its path, or ``(None, None)`` when this
+    installation has none (Colab installs the library without the repository's results). A ``--smoke`` run's
+    output (``"smoke": true``) is a test of the script, not a measurement: it counts as none."""
+    for folder in results_dirs():
+        path = folder / f"{name}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            return (None, None) if result.get("smoke") else (result, path.resolve())
+    return None, None
+
+
+def describe_result(result: dict[str, Any] | None) -> str:
+    """One line that labels a figure: the hardware and the date of a benchmark result."""
+    if not result:
+        return "no measurement in this installation"
+    hw = result.get("hardware", {})
+    threads = hw.get("torch_threads") or hw.get("cpu_count")
+    where = hw.get("cuda") or f"{hw.get('cpu', 'unknown CPU')} ({threads} threads)"
+    return f"{where}, torch {result.get('versions', {}).get('torch', '?')}, {str(result.get('date', '?'))[:10]}"

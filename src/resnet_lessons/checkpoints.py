@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from ._files import atomic_write
 
 FORMAT = "resnet-lessons-checkpoint"
@@ -61,8 +61,7 @@ def make_checkpoint(
     """The dictionary that :func:`save` writes. ``history`` may be a DataFrame or a list of row dicts."""
     if history is not None and hasattr(history, "to_dict"):
         history = history.to_dict("records")
-    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-    model = getattr(model, "_orig_mod", model)  # so does torch.compile
+    model = distributed.unwrap(model)  # DistributedDataParallel and torch.compile wrap the model
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {
         "format": FORMAT,
@@ -124,8 +123,10 @@ class Checkpoint:
             )
         from .models import build_model  # models imports nothing of ours; a late import keeps this light
 
+        name = self.model_name
+
         def build() -> nn.Module:
-            return build_model(self.model_name, num_classes=len(self.classes), **self.model_options)
+            return build_model(name, num_classes=len(self.classes), **self.model_options)
 
         described = f"{self.model_name} with options {self.model_options}"
         model = None
@@ -288,16 +289,66 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     return load(path).build_model(device)
 
 
+# --- resuming a run -------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random-number generator states a resumed run needs (the CPU's, and the GPU's on CUDA)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_resumable(saved: Mapping[str, Any], recipe: Mapping[str, Any], path: Path) -> None:
+    """The recipe must be the one the checkpoint was trained with; run options (quietness, validation batch,
+    early stopping, checkpoint frequency) are not part of it and may change."""
+    changed = [k for k, v in recipe.items() if saved.get(k) != v]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {recipe[k]!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume {path}: the recipe changed ({details}); resume with the same settings "
+            "or start a new run in another folder"
+        )
+
+
+def load_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+                  recipe: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Resume from ``path``: check the recipe, load the weights, optimiser, scaler and RNG states; return the
+    checkpoint's ``train_state`` and history."""
+    raw = load_raw(path, map_location=device)
+    train_state = raw.get("train_state") or {}
+    if "optimizer" not in train_state:
+        raise CheckpointError(f"{path} holds no training state to resume from")
+    check_resumable(train_state["config"], recipe, path)
+    model.load_state_dict(raw["model_state"])
+    optimizer.load_state_dict(train_state["optimizer"])
+    if scaler is not None and train_state.get("scaler"):
+        scaler.load_state_dict(train_state["scaler"])
+    set_rng_state(train_state["rng"], device)
+    return train_state, list(raw["history"])
+
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ClassMismatch",
     "check_classes",
+    "check_resumable",
     "load",
     "load_model",
     "load_raw",
+    "load_training",
     "make_checkpoint",
+    "rng_state",
     "save",
+    "set_rng_state",
     "state_mismatch",
     "unsafe_pickle_refusal",
 ]

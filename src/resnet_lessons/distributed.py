@@ -2,26 +2,25 @@
 
 ``torchrun --nproc_per_node=N -m resnet_lessons train ...`` starts N processes and tells each its
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` through the environment (torchrun's protocol: these
-variables are read here and nowhere else). :func:`setup` joins the process group (NCCL on GPUs,
+variables are read by :func:`torchrun_env` and nowhere else). :func:`setup` joins the process group (NCCL on GPUs,
 gloo on CPUs) and gives each process its device. :func:`train.fit` asks :func:`world` for the rank and
 the number of processes, shards the data by rank, averages gradients through DDP, sums metrics with
 :func:`all_reduce_sum`, and writes files only on rank 0.
 
 A single process without torchrun is a world of one: every function here then does nothing special.
+:func:`unwrap` is the one way to the plain network inside DDP and ``torch.compile`` wrappers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,23 @@ class World:
         return self.world_size > 1
 
 
-def launched_by_torchrun() -> bool:
-    """True inside a process started by ``torchrun`` (or any launcher that sets its variables)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What torchrun tells a process it starts: its global rank, the number of processes, its rank on this node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env(env: Mapping[str, str] | None = None) -> TorchrunEnv | None:
+    """torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (``os.environ`` unless ``env`` is given), or ``None``
+    outside torchrun (``RANK`` or ``WORLD_SIZE`` missing). The one reader of these variables in the library."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    rank = int(env["RANK"])
+    return TorchrunEnv(rank=rank, world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", rank)))
 
 
 def setup(device: str | torch.device | None = None, backend: str | None = None) -> World:
@@ -53,15 +66,14 @@ def setup(device: str | torch.device | None = None, backend: str | None = None) 
     ``device`` ``None`` means ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. The backend is
     NCCL for CUDA and gloo otherwise. Outside torchrun this returns a world of one.
     """
-    if not launched_by_torchrun():
+    launch = torchrun_env()
+    if launch is None:
         if device is None:
             from .runtime import pick_device
 
             device = pick_device()
         return World(device=torch.device(device))
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -99,22 +111,22 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of ``tensor`` over all processes (itself in a single process)."""
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     if not world().distributed:
         return tensor
     tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over all processes (itself in a single process)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise maximum of ``tensor`` over all processes."""
-    if not world().distributed:
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    """The element-wise maximum of ``tensor`` over all processes (itself in a single process)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def broadcast_object(value: object, src: int = 0) -> object:
@@ -130,30 +142,26 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in DistributedDataParallel when several processes run, else ``model`` itself."""
     if not world().distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     if device.type == "cuda":
         return DistributedDataParallel(model, device_ids=[device.index])
     return DistributedDataParallel(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain network inside DDP and ``torch.compile`` wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-@contextlib.contextmanager
-def main_first() -> Iterator[bool]:
-    """Rank 0 runs the block first (e.g. a download), the others wait, then run it too."""
-    if not is_main():
-        barrier()
-    yield is_main()
-    if is_main():
-        barrier()
+    """The plain network inside DistributedDataParallel (or DataParallel) and ``torch.compile`` wrappers, nested
+    in either order: what to save, export or inspect, with the state-dict keys of the network itself."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        compiled = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule keeps the network here
+        if not isinstance(compiled, nn.Module):
+            return model
+        model = compiled
 
 
 __all__ = [
+    "TorchrunEnv",
     "World",
     "all_reduce_max",
     "all_reduce_sum",
@@ -161,9 +169,8 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "is_main",
-    "launched_by_torchrun",
-    "main_first",
     "setup",
+    "torchrun_env",
     "unwrap",
     "world",
     "wrap_model",

@@ -1,10 +1,11 @@
-"""Looking inside a trained network: Grad-CAM, saliency, feature maps, embeddings, retrieval.
+"""Looking inside a trained network: Grad-CAM, saliency, feature maps, and embeddings of the penultimate layer.
 
 All functions take a model and *normalised* float inputs ``x [B, 3, H, W]`` (what the model's
-``forward`` sees; ``evaluate.normalise`` makes them from uint8 images), except those that work on
-uint8 images end to end (:func:`penultimate_features`, :func:`search`), which take ``mean`` and
-``std`` like ``evaluate.infer``. Layers are named as in ``model.named_modules()``: ``"layer3"`` is
-the last stage of a CIFAR ResNet, ``"layer2.1"`` the second block of the second stage.
+``forward`` sees; :func:`resnet_lessons.data.normalise` makes them from uint8 images), except
+:func:`penultimate_features`, which works on uint8 images end to end and takes ``mean`` and ``std`` like
+``evaluate.infer``. Layers are named as in ``model.named_modules()``: ``"layer3"`` is the last stage of a CIFAR
+ResNet, ``"layer2.1"`` the second block of the second stage. Retrieval on these features (chapter 9) is in
+:mod:`resnet_lessons.retrieval`.
 
 Grad-CAM (Selvaraju et al., 2017) weights each channel of a layer's output by the mean gradient of
 the class score over that channel, sums the weighted channels and keeps the positive part. Its
@@ -14,19 +15,17 @@ ResNet-18, so each cell of the map speaks for a 4x4 or 8x8 block of pixels.
 
 from __future__ import annotations
 
-from collections import Counter
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .evaluate import infer
+from .runtime import eval_mode
 
 
 def _layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
@@ -56,7 +55,9 @@ class _Capture:
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor):
-            raise ValueError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor: pick another layer")
+            raise ValueError(
+                f"{type(module).__name__} returns {type(output).__name__}, not a tensor: pick another layer"
+            )
         self.output = output
         return output.clone()
 
@@ -67,34 +68,21 @@ class _Capture:
         self.handle.remove()
 
 
-class _EvalMode:
-    """Eval mode (BatchNorm running statistics) for the duration of a with-block, then the previous mode."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        return self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
-
-
 def grad_cam(
     model: nn.Module,
     x: torch.Tensor,
     layer: str | nn.Module = "layer3",
     target: int | Sequence[int] | torch.Tensor | None = None,
     *,
-    normalize: bool = True,
+    normalise: bool = True,
 ) -> torch.Tensor:
     """Grad-CAM maps ``[B, h, w]`` at the resolution of ``layer``'s output, for class ``target`` (default: predicted).
 
     ``cam = ReLU(sum_k alpha_k A_k)`` with ``A_k`` the k-th channel of the layer's output and
-    ``alpha_k`` the spatial mean of ``d score / d A_k``. With ``normalize`` each map is divided by
+    ``alpha_k`` the spatial mean of ``d score / d A_k``. With ``normalise`` each map is divided by
     its maximum (an all-zero map stays zero). :func:`upsample` brings a map to the image's size.
     """
-    with _EvalMode(model), _Capture(_layer(model, layer)) as capture, torch.enable_grad():
+    with eval_mode(model), _Capture(_layer(model, layer)) as capture, torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)  # gradients flow even if the weights are frozen
         logits = model(x)
         activation = capture.output
@@ -105,15 +93,15 @@ def grad_cam(
         (gradient,) = torch.autograd.grad(score, activation)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1)).detach()
-    if normalize:
+    if normalise:
         cam = cam / cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     return cam
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:
     """Maps ``[B, h, w]`` resized to ``size`` (bilinear), for drawing over the images."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    height, width = (size, size) if isinstance(size, int) else size
+    return F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
 
 
 def saliency(
@@ -123,7 +111,7 @@ def saliency(
 
     It answers "which pixels would change the class score most if nudged", at full resolution.
     """
-    with _EvalMode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
         logits = model(x)
         score = logits.gather(1, _targets(logits, target)[:, None]).sum()
@@ -166,14 +154,15 @@ def stage_names(model: nn.Module) -> list[str]:
 def feature_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """The output of each named layer (default: every stage) for inputs ``x``, captured with forward hooks."""
     layers = stage_names(model) if layers is None else list(layers)
-    captures = {name: _Capture(_layer(model, name)) for name in layers}
-    try:
-        with _EvalMode(model):
-            model(x)
-    finally:
-        for capture in captures.values():
-            capture.handle.remove()
-    return {name: capture.output.detach() for name, capture in captures.items()}
+    with contextlib.ExitStack() as hooks, eval_mode(model):
+        captures = {name: hooks.enter_context(_Capture(_layer(model, name))) for name in layers}
+        model(x)
+    outputs = {}
+    for name, capture in captures.items():
+        if capture.output is None:
+            raise ValueError(f"layer {name!r} did not run in the model's forward pass")
+        outputs[name] = capture.output.detach()
+    return outputs
 
 
 # --- penultimate features and a 2-D map of them ---------------------------------------------------
@@ -249,179 +238,13 @@ def embed_2d(features: torch.Tensor, method: str = "pca", *, seed: int = 0, **ts
     raise ValueError(f"unknown method {method!r}; use 'pca' or 'tsne'")
 
 
-# --- image retrieval ------------------------------------------------------------------------------
-
-
-def nearest_neighbours(
-    query_features: torch.Tensor, gallery_features: torch.Tensor, k: int = 5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(similarity, index)``, each ``[Q, k]``: the ``k`` gallery rows most similar (cosine) to each query, best first."""
-    if query_features.ndim != 2 or gallery_features.ndim != 2 or query_features.shape[1] != gallery_features.shape[1]:
-        raise ValueError(
-            f"query features {tuple(query_features.shape)} and gallery features {tuple(gallery_features.shape)} "
-            "must be [Q, D] and [G, D] with the same D"
-        )
-    if not 1 <= k <= gallery_features.shape[0]:
-        raise ValueError(f"k must be between 1 and the gallery size ({gallery_features.shape[0]}); got {k}")
-    similarity = F.normalize(query_features.float(), dim=1) @ F.normalize(gallery_features.float(), dim=1).T
-    return similarity.topk(k, dim=1)
-
-
-def precision_at_k(neighbour_labels: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
-    """Per query ``[Q]``: the share of its ``k`` retrieved images (``neighbour_labels [Q, k]``) of the query's class."""
-    return (neighbour_labels == query_labels[:, None]).float().mean(dim=1)
-
-
-@dataclass
-class SearchResult:
-    """What :func:`search` found: one row per (query, rank), the per-item errors, and precision@k."""
-
-    neighbours: pd.DataFrame  # query, rank, gallery_index, similarity (+ query_label, gallery_label, relevant)
-    errors: dict[str, str] = field(default_factory=dict)  # "query 3" / "gallery 7" / "queries" -> what was wrong
-    query_index: list[int] = field(default_factory=list)  # the queries that were searched
-    gallery_index: list[int] = field(default_factory=list)  # the gallery images that were used
-
-    @property
-    def precision_at_k(self) -> float:
-        """Mean precision@k over the searched queries (NaN without labels or without queries)."""
-        if "relevant" not in self.neighbours or self.neighbours.empty:
-            return float("nan")
-        return float(self.neighbours.groupby("query")["relevant"].mean().mean())
-
-    def indices(self) -> torch.Tensor:
-        """Gallery indices ``[Q, k]`` of the searched queries, best first (a convenience for plots)."""
-        if self.neighbours.empty:
-            return torch.empty(0, 0, dtype=torch.long)
-        table = self.neighbours.pivot(index="query", columns="rank", values="gallery_index")
-        return torch.tensor(table.loc[self.query_index].to_numpy(), dtype=torch.long)
-
-
-Item = torch.Tensor | str | Path
-
-
-def _read(item: Item) -> torch.Tensor:
-    """One image as uint8 ``[3, H, W]``: a tensor as it is, or a file path read with Pillow (as RGB)."""
-    if isinstance(item, (str, Path)):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(item) as image:
-                array = np.asarray(image.convert("RGB")).copy()
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise ValueError(f"cannot read {str(item)!r} as an image: {error}") from None
-        return torch.from_numpy(array).permute(2, 0, 1)
-    if not isinstance(item, torch.Tensor):
-        raise ValueError(f"expected an image tensor or a file path, got {type(item).__name__}")
-    if item.dtype != torch.uint8 or item.ndim != 3 or item.shape[0] != 3:
-        raise ValueError(f"expected a uint8 image [3, H, W], got {item.dtype} {tuple(item.shape)}")
-    return item
-
-
-def _items(collection: torch.Tensor | Sequence[Item]) -> list[Item]:
-    if isinstance(collection, torch.Tensor):
-        if collection.ndim != 4:
-            raise ValueError(f"a stack of images must be [N, 3, H, W]; got {tuple(collection.shape)}")
-        return list(collection.unbind(0))
-    return list(collection)
-
-
-def _load(kind: str, collection: torch.Tensor | Sequence[Item], size: tuple[int, int] | None,
-          errors: dict[str, str]) -> tuple[list[int], list[torch.Tensor]]:
-    """Read every item; keep those of ``size``, record an error for every other one."""
-    kept, images = [], []
-    for i, item in enumerate(_items(collection)):
-        try:
-            image = _read(item)
-        except ValueError as error:
-            errors[f"{kind} {i}"] = str(error)
-            continue
-        found = tuple(image.shape[1:])
-        if size is not None and found != size:
-            errors[f"{kind} {i}"] = (
-                f"image of {found[0]}x{found[1]} pixels, but the search compares {size[0]}x{size[1]} images "
-                "(features of different sizes are not comparable): resize it first"
-            )
-            continue
-        kept.append(i)
-        images.append(image)
-    return kept, images
-
-
-def search(
-    model: nn.Module,
-    queries: torch.Tensor | Sequence[Item],
-    gallery: torch.Tensor | Sequence[Item],
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    k: int = 5,
-    query_labels: torch.Tensor | Sequence[int] | None = None,
-    gallery_labels: torch.Tensor | Sequence[int] | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    batch_size: int = 500,
-    device: str | torch.device = "cpu",
-) -> SearchResult:
-    """Image retrieval: for each query image, the ``k`` gallery images nearest in penultimate-feature space (cosine).
-
-    ``queries`` and ``gallery`` are uint8 stacks ``[N, 3, H, W]`` or lists of uint8 ``[3, H, W]``
-    images or file paths. Bad items do not stop the search: an unreadable file, a non-image, or an
-    image of another size than ``image_size`` (default: the most common size in the gallery) is
-    left out and named in ``result.errors``; so is an empty query set or gallery. With labels,
-    each row says whether the neighbour is of the query's class (``relevant``) and
-    ``result.precision_at_k`` is measured.
-    """
-    errors: dict[str, str] = {}
-    size = (image_size, image_size) if isinstance(image_size, int) else (tuple(image_size) if image_size else None)
-    if size is None:
-        readable = [tuple(t.shape[1:]) for t in _items(gallery)
-                    if isinstance(t, torch.Tensor) and t.ndim == 3]
-        size = Counter(readable).most_common(1)[0][0] if readable else None
-    gallery_kept, gallery_images = _load("gallery", gallery, size, errors)
-    if size is None and gallery_images:  # a gallery of paths: the first readable image sets the size
-        size = tuple(gallery_images[0].shape[1:])
-        gallery_kept, gallery_images = _load("gallery", gallery, size, errors)
-    query_kept, query_images = _load("query", queries, size, errors)
-    if not gallery_images:
-        errors["gallery"] = "the gallery is empty (or none of its images could be used): nothing to search in"
-    if not query_images:
-        errors["queries"] = "the query set is empty (or none of its images could be used): nothing to search for"
-    columns = ["query", "rank", "gallery_index", "similarity"]
-    if not gallery_images or not query_images:
-        return SearchResult(pd.DataFrame(columns=columns), errors, [], gallery_kept)
-    if not 1 <= k <= len(gallery_images):
-        raise ValueError(f"k must be between 1 and the usable gallery size ({len(gallery_images)}); got {k}")
-
-    features = dict(mean=mean, std=std, batch_size=batch_size, device=device)
-    gallery_features = penultimate_features(model, torch.stack(gallery_images), **features)
-    query_features = penultimate_features(model, torch.stack(query_images), **features)
-    similarity, index = nearest_neighbours(query_features, gallery_features, k)
-    gallery_ids = torch.as_tensor(gallery_kept)[index]  # positions in the gallery as given
-    table = pd.DataFrame({
-        "query": np.repeat(query_kept, k),
-        "rank": np.tile(np.arange(1, k + 1), len(query_kept)),
-        "gallery_index": gallery_ids.flatten().numpy(),
-        "similarity": similarity.flatten().numpy(),
-    })
-    if query_labels is not None and gallery_labels is not None:
-        q_labels = torch.as_tensor(query_labels)[query_kept]
-        g_labels = torch.as_tensor(gallery_labels)[gallery_ids]
-        table["query_label"] = np.repeat(q_labels.numpy(), k)
-        table["gallery_label"] = g_labels.flatten().numpy()
-        table["relevant"] = table["query_label"] == table["gallery_label"]
-    return SearchResult(table, errors, query_kept, gallery_kept)
-
-
 __all__ = [
-    "SearchResult",
     "embed_2d",
     "feature_maps",
     "grad_cam",
-    "nearest_neighbours",
     "penultimate_features",
-    "precision_at_k",
     "rank_correlation",
     "saliency",
-    "search",
     "stage_names",
     "upsample",
 ]

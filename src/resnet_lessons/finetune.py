@@ -1,21 +1,18 @@
-"""Fine-tuning: pretrained weights, a new head, what is frozen, learning rates per stage; then ``train.fit``.
+"""Fine-tuning: a pretrained network with a new head, what is frozen, learning rates per stage; then ``train.fit``.
 
 Fine-tuning is the training loop of :mod:`resnet_lessons.train` with a prepared model:
 
-1. **Weights** (:func:`load_weights`): ImageNet weights through torchvision's weights API
-   (``ResNet18_Weights.IMAGENET1K_V1`` and the others; never the deprecated ``pretrained=True``), or a
-   local file: a resnet-lessons checkpoint or a torchvision ``.pth`` state dict. Weights travel with the
-   normalisation they were trained with (ImageNet's mean and std for torchvision's), and the data must be
-   normalised the same way (:func:`with_normalisation`).
-2. **Model** (:func:`pretrained_model`): the network is built with the weights' own head, loaded strictly,
-   then a new ``fc`` *replaces* the old head (:func:`replace_head`): the article instead stacked
-   ``Linear(512, 10)`` on top of the 1000 ImageNet logits, which fails at the first batch. Swapping the
-   ImageNet stem for the CIFAR one re-initialises the stem (its 7x7 filters do not fit a 3x3 convolution).
-3. **Strategy** (:func:`prepare`): ``linear`` (linear probe: backbone frozen, its BatchNorm layers kept in
-   eval mode so their running statistics stay), ``full`` (everything trains at one learning rate),
-   ``discriminative`` (learning rate shrinks by ``decay`` per stage going down), ``gradual`` (the stages
-   are unfrozen one at a time from the top, one more every ``unfreeze_every`` epochs).
-4. **Training** (:func:`finetune`): ``train.fit`` with the strategy's parameter groups and hooks.
+1. **Model** (:func:`pretrained_model`): the network is built with the weights' own head (the weights come
+   from :mod:`resnet_lessons.weights`: torchvision's ImageNet weights or a local file), loaded strictly, then a
+   new ``fc`` *replaces* the old head (:func:`replace_head`): the article instead stacked ``Linear(512, 10)`` on
+   top of the 1000 ImageNet logits, which fails at the first batch. Swapping the ImageNet stem for the CIFAR
+   one re-initialises the stem (its 7x7 filters do not fit a 3x3 convolution). The data must be normalised as
+   the weights were trained (:func:`with_normalisation`).
+2. **Strategy** (:func:`prepare`): ``linear`` (linear probe: backbone frozen, its BatchNorm layers kept in
+   eval mode so their running statistics stay: :class:`FreezableBatchNorm2d`), ``full`` (everything trains at
+   one learning rate), ``discriminative`` (learning rate shrinks by ``decay`` per stage going down),
+   ``gradual`` (the stages are unfrozen one at a time from the top, one more after every epoch).
+3. **Training** (:func:`finetune`): ``train.fit`` with the strategy's parameter groups and hooks.
 
 The offline transfer experiment (pretrain on some classes, fine-tune on the others with few labels,
 against training from scratch on the same labels) is :mod:`resnet_lessons.transfer`.
@@ -23,227 +20,26 @@ against training from scratch on the same labels) is :mod:`resnet_lessons.transf
 
 from __future__ import annotations
 
-import socket
-import types
-import urllib.error
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import checkpoints, train
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataSplits
+from . import train
+from .data import DataSplits
+from .hooks import Hook
 from .models import build_model
-from .optim import decays
+from .optim import RunOptions, TrainConfig, config_from_profile, decays
+from .weights import Weights, WeightsError, guess_architecture, load_weights
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 STRATEGIES = ("linear", "full", "discriminative", "gradual")
-TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
-DOWNLOAD_TIMEOUT_S = 30.0  # seconds a stalled connection may stay silent before a weights download gives up
 STEM_KEYS = ("conv1.", "bn1.")  # the stem of a ResNet (the blocks' own conv1/bn1 sit under layerN.)
-HEAD_KEYS = ("fc.",)
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be used: a damaged file, not a state dict, another architecture, a head that
-    does not fit the classes."""
-
-
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights that are not in the torch hub cache and cannot be downloaded here."""
-
-
-# --- weights --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Weights:
-    """A state dict and what it is: the architecture, its head, the normalisation it was trained with."""
-
-    state: dict[str, torch.Tensor]
-    model_name: str  # the architecture the weights are for
-    source: str  # where they came from, for messages and checkpoints
-    mean: tuple[float, ...]  # the normalisation the weights expect
-    std: tuple[float, ...]
-    model_options: dict[str, Any] = field(default_factory=dict)  # build_model options they were trained with
-    classes: tuple[str, ...] | None = None  # class names of the head (None: ImageNet's 1000, or unnamed)
-
-    @property
-    def num_outputs(self) -> int:
-        return int(self.state["fc.weight"].shape[0]) if "fc.weight" in self.state else 0
-
-    @classmethod
-    def from_model(cls, model: nn.Module, model_name: str, *, classes: Sequence[str], mean: Sequence[float],
-                   std: Sequence[float], model_options: Mapping[str, Any] | None = None,
-                   source: str = "a model in memory") -> Weights:
-        """The weights of a model trained here (the pretraining step of the transfer experiment)."""
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return cls(state, model_name, source, tuple(mean), tuple(std), dict(model_options or {}), tuple(classes))
-
-
-def imagenet_weights(model_name: str, version: str = "DEFAULT"):  # -> torchvision.models.WeightsEnum
-    """torchvision's weights enum member for ``model_name``: ``ResNet18_Weights.IMAGENET1K_V1`` etc.
-
-    ``version`` is a member name (``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``) or ``"DEFAULT"`` (the best
-    one torchvision has: V1 for ResNet-18/34, V2 for ResNet-50)."""
-    import torchvision.models
-
-    if model_name not in TORCHVISION_WEIGHTS:
-        raise WeightsError(
-            f"torchvision has ImageNet weights for {', '.join(TORCHVISION_WEIGHTS)}, not for {model_name!r}; "
-            "pretrain one yourself (see resnet_lessons.transfer) or pick one of those models"
-        )
-    enum = getattr(torchvision.models, TORCHVISION_WEIGHTS[model_name])
-    try:
-        return enum[version]
-    except KeyError:
-        raise WeightsError(f"{enum.__name__} has no {version!r}; it has {', '.join(enum.__members__)}") from None
-
-
-def hub_checkpoint_dir(hub_dir: str | Path | None = None) -> Path:
-    """Where torch keeps downloaded weights: ``torch.hub.get_dir()/checkpoints`` (or ``hub_dir/checkpoints``)."""
-    return Path(hub_dir if hub_dir is not None else torch.hub.get_dir()) / "checkpoints"
-
-
-def weights_file_name(model_name: str, version: str = "DEFAULT") -> str:
-    """The file name torchvision's weights have in the hub cache, e.g. ``resnet18-f37072fd.pth``."""
-    return Path(imagenet_weights(model_name, version).url).name
-
-
-def _unavailable(member: Any, model_name: str, folder: Path, reason: str) -> WeightsUnavailable:
-    name = Path(member.url).name
-    return WeightsUnavailable(
-        f"ImageNet weights for {model_name} ({type(member).__name__}.{member.name}) are not in the torch hub "
-        f"cache {folder} and cannot be had: {reason}. Either download {member.url} on a machine with "
-        f"internet and place it by hand as {folder / name} (the folder is torch.hub.get_dir()/checkpoints), "
-        f"or pass the file itself: weights='path/to/{name}' (command line: --weights path/to/{name}). "
-        "Any torchvision state dict of the same architecture, or a resnet-lessons checkpoint, works too."
-    )
-
-
-def download_imagenet_state(
-    model_name: str, *, version: str = "DEFAULT", hub_dir: str | Path | None = None, download: bool = True,
-    progress: bool = False, timeout: float = DOWNLOAD_TIMEOUT_S,
-) -> dict[str, torch.Tensor]:
-    """The ImageNet state dict of ``model_name`` from the torch hub cache, downloaded there if allowed.
-
-    Raises :class:`WeightsUnavailable` (naming the cache folder and the file to place in it) when the file is
-    not cached and cannot be downloaded, and :class:`WeightsError` when the cached file is damaged."""
-    member = imagenet_weights(model_name, version)
-    folder = hub_checkpoint_dir(hub_dir)
-    cached = folder / Path(member.url).name
-    if not cached.exists() and not download:
-        raise _unavailable(member, model_name, folder, "downloading was turned off (download=False)")
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        # torchvision's own path (WeightsEnum.get_state_dict), with the folder passed explicitly
-        return torch.hub.load_state_dict_from_url(
-            member.url, model_dir=str(folder), progress=progress, check_hash=True, map_location="cpu",
-            weights_only=True,
-        )
-    except (urllib.error.URLError, TimeoutError, ConnectionError, socket.gaierror) as error:
-        reason = getattr(error, "reason", None) or error
-        raise _unavailable(member, model_name, folder, f"the download failed ({reason})") from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "hash" in text:
-            raise WeightsError(f"the download of {member.url} is corrupt ({text}); try again") from error
-        if cached.exists():
-            raise WeightsError(
-                f"the cached weights file {cached} is damaged ({type(error).__name__}: {text[:200]}); "
-                "delete it and download again, or place a good copy there by hand"
-            ) from error
-        raise _unavailable(member, model_name, folder, f"{type(error).__name__}: {text[:200]}") from error
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _unwrap_state(raw: Any, path: Path) -> dict[str, torch.Tensor]:
-    """A flat ``{name: tensor}`` dict from a loaded file: also accepts ``{"state_dict": ...}`` and
-    ``{"model": ...}`` wrappers and the ``module.`` prefix of DistributedDataParallel."""
-    if isinstance(raw, Mapping):
-        for key in ("model_state", "state_dict", "model"):
-            if key in raw and isinstance(raw[key], Mapping):
-                raw = raw[key]
-                break
-    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        kind = type(raw).__name__ if not isinstance(raw, Mapping) else "a dict whose values are not all tensors"
-        raise WeightsError(f"{path} is not a state dict (a dict of parameter names to tensors); it holds {kind}")
-    state = {}
-    for key, value in raw.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        state[str(key)] = value
-    return state
-
-
-def load_weights_file(path: str | Path) -> Weights:
-    """Weights from a local file: a resnet-lessons checkpoint, or a torchvision-format state dict (assumed
-    to be trained with ImageNet normalisation). Read with ``weights_only=True``: no pickled code runs."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"no weights file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the weights-only unpickler raises many kinds on a damaged or unsafe file
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(
-            f"cannot read {path} as PyTorch weights: it is damaged, truncated, not a PyTorch file, or holds "
-            f"objects other than tensors ({type(error).__name__}: {text[:200]})"
-        ) from error
-    if isinstance(raw, Mapping) and raw.get("format") == checkpoints.FORMAT:
-        ckpt = checkpoints.load(path)
-        if not ckpt.model_name:
-            raise WeightsError(f"{path} does not name its model, so its architecture cannot be checked")
-        return Weights(dict(ckpt.model_state), ckpt.model_name, str(path), ckpt.mean, ckpt.std,
-                       dict(ckpt.model_options), ckpt.classes)
-    state = _unwrap_state(raw, path)
-    guess = guess_architecture(state)
-    name, options = guess if guess else ("", {})  # unknown: the shape check of pretrained_model speaks
-    return Weights(state, name, str(path), IMAGENET_MEAN, IMAGENET_STD, options, None)
-
-
-def load_weights(
-    weights: str | Path | Weights, model_name: str, *, hub_dir: str | Path | None = None, download: bool = True,
-    progress: bool = False,
-) -> Weights:
-    """``"imagenet"`` (torchvision's default ImageNet weights for ``model_name``; ``"imagenet:IMAGENET1K_V1"``
-    names a version), a path to a local file, or :class:`Weights` already loaded."""
-    if isinstance(weights, Weights):
-        return weights
-    text = str(weights)
-    if text == "imagenet" or text.startswith("imagenet:"):
-        version = text.partition(":")[2] or "DEFAULT"
-        member = imagenet_weights(model_name, version)
-        state = download_imagenet_state(model_name, version=version, hub_dir=hub_dir, download=download,
-                                        progress=progress)
-        return Weights(dict(state), model_name, f"{type(member).__name__}.{member.name}", IMAGENET_MEAN,
-                       IMAGENET_STD, {"stem": "imagenet", "shortcut": "B"}, None)
-    return load_weights_file(text)
-
-
-def guess_architecture(state: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]] | None:
-    """``(model name, options)`` a ResNet state dict was made by, read from its keys and shapes; None if unknown."""
-    blocks: dict[int, set[int]] = {}
-    for key in state:
-        parts = key.split(".")
-        if parts[0].startswith("layer") and parts[0][5:].isdigit() and len(parts) > 1 and parts[1].isdigit():
-            blocks.setdefault(int(parts[0][5:]), set()).add(int(parts[1]))
-    if not blocks or "conv1.weight" not in state:
-        return None
-    counts = tuple(len(blocks[i]) for i in sorted(blocks))
-    bottleneck = "layer1.0.conv3.weight" in state
-    stem = "imagenet" if state["conv1.weight"].shape[-1] == 7 else "cifar"
-    known = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
-             ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152"}
-    if (counts, bottleneck) in known:
-        return known[(counts, bottleneck)], {"stem": stem}
-    if len(counts) == 3 and len(set(counts)) == 1 and not bottleneck:
-        return f"resnet{6 * counts[0] + 2}", {}  # or plain{6n+2}: option-A shortcuts have no weights
-    return None
 
 
 # --- the model: load, check, replace the head --------------------------------------------------------
@@ -252,6 +48,8 @@ def guess_architecture(state: Mapping[str, torch.Tensor]) -> tuple[str, dict[str
 def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
     """Put a new ``fc`` with ``num_classes`` outputs *in place of* the old head (not on top of it)."""
     old = model.fc
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"the head model.fc must be an nn.Linear to be replaced; it is {type(old).__name__}")
     model.fc = nn.Linear(old.in_features, num_classes).to(old.weight.device)
     return model.fc
 
@@ -292,7 +90,6 @@ class Pretrained:
 def pretrained_model(
     model_name: str, num_classes: int, weights: str | Path | Weights, *, stem: str | None = None,
     new_head: bool | None = None, classes: Sequence[str] | None = None, hub_dir: str | Path | None = None,
-    download: bool = True, progress: bool = False,
 ) -> Pretrained:
     """``model_name`` with ``weights`` loaded (checked strictly) and a head of ``num_classes`` outputs.
 
@@ -301,7 +98,7 @@ def pretrained_model(
     checkpoint's class names when ``classes`` is given), else :class:`WeightsError`. True always replaces it.
     ``stem``: None keeps the weights' stem; "cifar" on ImageNet weights swaps in a fresh 3x3 stem.
     """
-    loaded = load_weights(weights, model_name, hub_dir=hub_dir, download=download, progress=progress)
+    loaded = load_weights(weights, model_name, hub_dir=hub_dir)
     if loaded.model_name and loaded.model_name != model_name:
         raise WeightsError(f"{loaded.source} holds weights for {loaded.model_name}, not for {model_name}: "
                            f"build {loaded.model_name} instead, or use weights made for {model_name}")
@@ -344,6 +141,11 @@ def pretrained_model(
     return Pretrained(model, loaded, model_name, options, tuple(new))
 
 
+def with_normalisation(data: DataSplits, mean: Sequence[float], std: Sequence[float]) -> DataSplits:
+    """``data`` normalised with the statistics the weights were trained with (ImageNet's for torchvision's)."""
+    return replace(data, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
 # --- strategies: what is frozen, learning rates per stage ----------------------------------------------
 
 
@@ -371,30 +173,40 @@ def set_trainable(model: nn.Module, stage_names: Iterable[str], trainable: bool 
             parameter.requires_grad_(trainable)
 
 
-def _is_frozen_norm(module: nn.Module) -> bool:
-    params = list(module.parameters(recurse=False))
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and bool(params) and not any(
-        p.requires_grad for p in params)
+class FreezableBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that stays in eval mode while its weight and bias are frozen (``requires_grad=False``).
 
+    A frozen BatchNorm in train mode would still normalise with the batch's statistics and overwrite its
+    running statistics: the "frozen" backbone would change. Decided at each ``train()`` call, so a layer
+    unfrozen later (gradual unfreezing) trains again from the next ``model.train()``, the next epoch."""
 
-def _train_keeping_frozen_norms(self: nn.Module, mode: bool = True) -> nn.Module:
-    type(self).train(self, mode)  # the class's own train(): sets every submodule
-    if mode:
-        for module in self.modules():
-            if _is_frozen_norm(module):
-                module.eval()  # normalise with the running statistics and leave them as they are
-    return self
+    @property
+    def frozen(self) -> bool:
+        parameters = list(self.parameters(recurse=False))
+        return bool(parameters) and not any(p.requires_grad for p in parameters)
+
+    def train(self, mode: bool = True) -> FreezableBatchNorm2d:
+        return super().train(mode and not self.frozen)  # frozen: normalise with the running statistics, keep them
+
+    @classmethod
+    def taking_over(cls, norm: nn.BatchNorm2d) -> FreezableBatchNorm2d:
+        """A layer holding ``norm``'s own parameters and buffers: the same tensors, so the state dict, an
+        optimiser's parameter groups and any other reference to them stay valid."""
+        layer = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+        for name, tensor in [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]:
+            setattr(layer, name, tensor)
+        return layer.train(norm.training)
 
 
 def keep_frozen_batchnorm_in_eval(model: nn.Module) -> nn.Module:
-    """Make ``model.train()`` leave every BatchNorm layer whose parameters are frozen in eval mode.
-
-    A frozen BatchNorm in train mode would still normalise with the batch's statistics and overwrite its
-    running statistics: the "frozen" backbone would change. Decided at each ``train()`` call, so a stage
-    unfrozen later (gradual unfreezing) trains its BatchNorm layers again from the next epoch."""
-    model.train = types.MethodType(_train_keeping_frozen_norms, model)  # type: ignore[method-assign]
-    model.train(model.training)
-    return model
+    """Make ``model.train()`` leave every BatchNorm layer whose parameters are frozen in eval mode: each
+    ``nn.BatchNorm2d`` becomes a :class:`FreezableBatchNorm2d` holding the same tensors (the state dict, and so
+    checkpoints, are unchanged)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:  # exactly: a FreezableBatchNorm2d already is one
+                setattr(parent, name, FreezableBatchNorm2d.taking_over(child))
+    return model.train(model.training)
 
 
 @dataclass
@@ -403,7 +215,7 @@ class Plan:
 
     strategy: str
     groups: list[dict[str, Any]]  # torch optimiser groups: params, lr, lr_scale, weight_decay, name
-    hooks: list[Any]
+    hooks: list[Hook]
     frozen: tuple[str, ...]  # stages frozen at the start
 
     def learning_rates(self) -> dict[str, float]:
@@ -411,19 +223,18 @@ class Plan:
         return {g["name"].split(" ")[0]: g["lr"] for g in self.groups}
 
 
-class GradualUnfreezing(train.Hook):
-    """Unfreeze the next stage down every ``every`` epochs (ULMFiT's gradual unfreezing)."""
+class GradualUnfreezing(Hook):
+    """Unfreeze the next stage down after every epoch (ULMFiT's gradual unfreezing), ``order`` from the top."""
 
-    def __init__(self, model: nn.Module, order: Sequence[str], every: int = 1) -> None:
-        self.model, self.order, self.every = model, list(order), max(1, every)
+    def __init__(self, model: nn.Module, order: Sequence[str]) -> None:
+        self.model, self.order = model, list(order)
         self.unfrozen: list[tuple[int, str]] = []  # (after epoch, stage)
 
     def on_epoch_end(self, row: dict[str, Any]) -> None:
-        epoch = int(row["epoch"])
-        if epoch % self.every == 0 and len(self.unfrozen) < len(self.order):
+        if len(self.unfrozen) < len(self.order):
             stage = self.order[len(self.unfrozen)]
             set_trainable(self.model, [stage])
-            self.unfrozen.append((epoch, stage))
+            self.unfrozen.append((int(row["epoch"]), stage))
 
 
 def lr_scales(
@@ -447,7 +258,7 @@ def lr_scales(
 
 def prepare(
     model: nn.Module, strategy: str, *, lr: float, weight_decay: float, new_modules: Sequence[str] = ("fc",),
-    decay: float = 0.5, unfreeze_every: int = 1, decay_norm_and_bias: bool = False,
+    decay: float = 0.5, decay_norm_and_bias: bool = False,
 ) -> Plan:
     """Freeze what ``strategy`` freezes, keep frozen BatchNorm layers in eval mode, and build the parameter
     groups: one per stage (two when weight decay skips BatchNorm and bias parameters), each with its ``lr``."""
@@ -466,40 +277,29 @@ def prepare(
     for stage in stages(model):
         if strategy == "linear" and stage in frozen:
             continue  # never trained: not in the optimiser at all
-        params = [(n, p) for n, p in model.named_parameters() if stage_of(n) == stage]
-        decay_params = [p for n, p in params if decays(p, decay_norm_and_bias)]
-        other = [p for n, p in params if not decays(p, decay_norm_and_bias)]
+        params = [p for n, p in model.named_parameters() if stage_of(n) == stage]
+        decay_params = [p for p in params if decays(p, decay_norm_and_bias)]
+        other = [p for p in params if not decays(p, decay_norm_and_bias)]
         for suffix, members, wd in (("", decay_params, weight_decay), (" (no decay)", other, 0.0)):
             if members:
                 groups.append({"name": stage + suffix, "params": members, "lr": lr * scales[stage],
                                "lr_scale": scales[stage], "weight_decay": wd})
-    hooks: list[Any] = []
-    if strategy == "gradual":
-        hooks.append(GradualUnfreezing(model, list(reversed(backbone)), unfreeze_every))
+    hooks: list[Hook] = [GradualUnfreezing(model, list(reversed(backbone)))] if strategy == "gradual" else []
     return Plan(strategy, groups, hooks, frozen)
 
 
 def finetune(
-    model: nn.Module, data: DataSplits, cfg: train.TrainConfig, *, strategy: str = "full", device: Any,
-    new_modules: Sequence[str] = ("fc",), decay: float = 0.5, unfreeze_every: int = 1, hooks: Iterable[Any] = (),
-    checkpoint_dir: str | Path | None = None,
+    model: nn.Module, data: DataSplits, cfg: TrainConfig, *, strategy: str = "full", device: str | torch.device,
+    new_modules: Sequence[str] = ("fc",), decay: float = 0.5, options: RunOptions | None = None,
 ) -> train.FitResult:
-    """Prepare ``model`` for ``strategy`` and train it with ``train.fit`` (``cfg.lr`` is the head's peak lr).
+    """Prepare ``model`` for ``strategy`` and train it with ``train.fit`` (``cfg.lr`` is the head's peak lr;
+    ``options`` are fit's run options).
 
     ``data`` must be normalised as the weights expect (:func:`with_normalisation`). Each step, every parameter
     group gets its ``lr_scale`` times the scheduled lr (``train.fit(param_groups=...)``)."""
     plan = prepare(model, strategy, lr=cfg.lr, weight_decay=cfg.weight_decay, new_modules=new_modules, decay=decay,
-                   unfreeze_every=unfreeze_every, decay_norm_and_bias=cfg.decay_norm_and_bias)
-    return train.fit(model, data, cfg, device=device, hooks=[*plan.hooks, *hooks], checkpoint_dir=checkpoint_dir,
-                     param_groups=plan.groups)
-
-
-# --- data: the weights' normalisation ---------------------------------------------------------------------
-
-
-def with_normalisation(data: DataSplits, mean: Sequence[float], std: Sequence[float]) -> DataSplits:
-    """``data`` normalised with the statistics the weights were trained with (ImageNet's for torchvision's)."""
-    return replace(data, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+                   decay_norm_and_bias=cfg.decay_norm_and_bias)
+    return train.fit(model, data, cfg, device=device, options=options, hooks=plan.hooks, param_groups=plan.groups)
 
 
 # --- recipes ---------------------------------------------------------------------------------------------
@@ -510,7 +310,7 @@ fresh layer on fixed features and takes a large step; full fine-tuning moves pre
 large step would wreck; the discriminative head can go higher because the stages below it get less."""
 
 
-def finetune_config(profile: Any, strategy: str, *, image_size: int = 32, **overrides: Any) -> train.TrainConfig:
+def finetune_config(profile: Profile, strategy: str, *, image_size: int = 32, **overrides: Any) -> TrainConfig:
     """A fine-tuning recipe from a profile: SGD + Nesterov, one-cycle, a third of the profile's epochs, a
     batch of at most 128 above 64 pixels, a peak head lr of 0.1 per 128 images (times :data:`STRATEGY_LR`),
     and random crops padded in proportion to the image size."""
@@ -522,27 +322,19 @@ def finetune_config(profile: Any, strategy: str, *, image_size: int = 32, **over
         crop_padding=max(1, round(4 * image_size / 32)),
     )
     values.update(overrides)
-    return train.config_from_profile(profile, **values)
+    return config_from_profile(profile, **values)
 
 
 __all__ = [
+    "FreezableBatchNorm2d",
     "GradualUnfreezing",
     "Plan",
     "Pretrained",
     "STRATEGIES",
     "STRATEGY_LR",
-    "Weights",
-    "WeightsError",
-    "WeightsUnavailable",
-    "download_imagenet_state",
     "finetune",
     "finetune_config",
-    "guess_architecture",
-    "hub_checkpoint_dir",
-    "imagenet_weights",
     "keep_frozen_batchnorm_in_eval",
-    "load_weights",
-    "load_weights_file",
     "lr_scales",
     "prepare",
     "pretrained_model",
@@ -550,6 +342,5 @@ __all__ = [
     "set_trainable",
     "stage_of",
     "stages",
-    "weights_file_name",
     "with_normalisation",
 ]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import BasicBlock, Bottleneck, PreActBlock
+from .runtime import eval_mode
 
 Block = BasicBlock | Bottleneck | PreActBlock
 
@@ -107,14 +108,13 @@ def gradient_norms(
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     saved = {name: p.grad for name, p in model.named_parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    was_training = model.training
-    model.train()
     try:
-        loss = loss_fn(model(images), labels)
-        weights = [m.weight for _, m in layers]
-        grads = torch.autograd.grad(loss, weights)
+        with eval_mode(model):  # used for its exit: the model goes back to the mode it was in
+            model.train()  # the pass runs in training mode (BatchNorm on batch statistics), as the first step does
+            loss = loss_fn(model(images), labels)
+            weights = [m.weight for _, m in layers]
+            grads = torch.autograd.grad(loss, weights)
     finally:
-        model.train(was_training)
         for name, p in model.named_parameters():
             p.grad = saved[name]
         with torch.no_grad():

@@ -15,8 +15,8 @@ imbalance, and the metrics that show it.
   examples; :class:`LogitAdjustedLoss` (Menon et al. 2021) adds ``tau * log prior`` to the logits
   during training, and :func:`adjust_logits` subtracts it after training (post-hoc), which needs no
   retraining at all.
-* **Metrics.** :func:`per_class_recall` and :func:`balanced_accuracy` (the mean of the recalls, as
-  scikit-learn's ``balanced_accuracy_score``); on a balanced evaluation split it equals the accuracy.
+* **Metrics.** :func:`recall_table` compares methods class by class, head against tail, with
+  :func:`resnet_lessons.metrics.per_class_recall` and :func:`resnet_lessons.metrics.balanced_accuracy`.
 
 Every loss is a ``torch.nn.Module`` called as ``loss(logits, labels)``, the form ``train.fit(loss_fn=...)``
 takes; class weights and priors are buffers, so ``.to(device)`` moves them with the module.
@@ -24,7 +24,6 @@ takes; class weights and priors are buffers, so ``.to(device)`` moves them with 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataSplits, ImageSet, channel_stats
+from .metrics import per_class_recall
 
 WeightScheme = Literal["inverse", "effective"]
 
@@ -161,15 +161,12 @@ def _as_buffer(values: torch.Tensor | Sequence[float] | None) -> torch.Tensor | 
     return None if values is None else torch.as_tensor(values, dtype=torch.float32).detach().clone()
 
 
-class WeightedCrossEntropy(nn.Module):
-    """Cross-entropy with a weight per class: ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (torch's weighted mean)."""
+class WeightedCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy with a weight per class: ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (torch's weighted mean);
+    ``nn.CrossEntropyLoss(weight=...)``, taking the weights as any sequence (kept as a float32 buffer)."""
 
     def __init__(self, weight: torch.Tensor | Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("weight", _as_buffer(weight))
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, weight=self.weight.to(logits.dtype))
+        super().__init__(weight=_as_buffer(weight))
 
 
 class FocalLoss(nn.Module):
@@ -179,6 +176,8 @@ class FocalLoss(nn.Module):
     the model already gets right with confidence. ``alpha`` (optional) is a weight per class, for
     instance :func:`class_weights` (Cui et al. combine the two).
     """
+
+    alpha: torch.Tensor | None
 
     def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
@@ -204,6 +203,8 @@ class LogitAdjustedLoss(nn.Module):
     Adding the log prior during training makes the network learn logits *without* the prior, so its
     plain argmax is balanced. ``tau = 0`` is the cross-entropy; Menon et al. use ``tau = 1``.
     """
+
+    log_prior: torch.Tensor
 
     def __init__(self, prior: torch.Tensor | Sequence[float], tau: float = 1.0) -> None:
         super().__init__()
@@ -257,30 +258,6 @@ def make_loss(name: str, counts: torch.Tensor | Sequence[int], *, beta: float = 
 # --- metrics ---------------------------------------------------------------------------------------
 
 
-def _preds(logits_or_preds: torch.Tensor) -> torch.Tensor:
-    x = logits_or_preds.detach().cpu()
-    return x.argmax(dim=1) if x.ndim == 2 else x.long()
-
-
-def per_class_recall(logits_or_preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """float64 ``[C]``: share of each class's images predicted as that class (NaN for a class with none)."""
-    preds, labels = _preds(logits_or_preds), labels.detach().cpu().long()
-    if preds.shape != labels.shape:
-        raise ValueError(f"{tuple(preds.shape)} predictions for {tuple(labels.shape)} labels")
-    total = torch.bincount(labels, minlength=num_classes).double()
-    right = torch.bincount(labels[preds == labels], minlength=num_classes).double()
-    return torch.where(total > 0, right / total.clamp_min(1), torch.full_like(total, math.nan))
-
-
-def balanced_accuracy(logits_or_preds: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> float:
-    """The mean per-class recall over the classes present in ``labels`` (scikit-learn's
-    ``balanced_accuracy_score``): every class counts the same, however many images it has."""
-    labels = labels.detach().cpu().long()
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    recall = per_class_recall(logits_or_preds, labels, num_classes)
-    return float(recall[~recall.isnan()].mean())
-
-
 def recall_table(logits: dict[str, torch.Tensor], labels: torch.Tensor, classes: Sequence[str],
                  train_counts: torch.Tensor | Sequence[int]) -> pd.DataFrame:
     """Per-class recall of several methods: one row per class (with its training count), one column per
@@ -309,7 +286,6 @@ __all__ = [
     "LogitAdjustedLoss",
     "WeightedCrossEntropy",
     "adjust_logits",
-    "balanced_accuracy",
     "class_balanced_weights",
     "class_counts",
     "class_prior",
@@ -320,6 +296,5 @@ __all__ = [
     "long_tail_indices",
     "long_tail_splits",
     "make_loss",
-    "per_class_recall",
     "recall_table",
 ]

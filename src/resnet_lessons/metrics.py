@@ -1,11 +1,13 @@
-"""Metrics from logits: accuracy, per-class scores, calibration and robustness.
+"""Metrics from logits: accuracy, per-class scores (recall, balanced accuracy, the per-class table),
+test-time augmentation, calibration and robustness.
 
 Everything here starts from what a model *said* (``logits [N, C]``) and what was *true*
 (``labels [N]``), never from the model itself: inference runs once (``evaluate.infer``) and every
 question is then a cheap computation on its output. The two exceptions take a ``predict`` callable,
 uint8 images ``[N, 3, H, W]`` -> logits (for instance ``functools.partial(evaluate.infer, model,
 mean=..., std=...)``), because they must change the images before predicting: flip test-time
-augmentation and the robustness table.
+augmentation and the robustness table. (``evaluate.flip_tta_accuracy``, which runs the model itself for the
+speed benchmark, combines the views by the same rule, :func:`average_logits`.)
 
 Calibration follows Guo et al. (2017): a model is calibrated when, among the images it gives 80 %
 confidence, 80 % are right. The reliability diagram bins the confidence, the expected calibration
@@ -19,10 +21,11 @@ import io
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+
+from .data.images import read_image
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # uint8 images [N, 3, H, W] -> logits [N, C]
 
@@ -101,6 +104,35 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def _preds(logits_or_preds: torch.Tensor) -> torch.Tensor:
+    """Predicted classes int64 ``[N]`` on the CPU: the argmax of logits ``[N, C]``, or the predictions as given."""
+    x = logits_or_preds.detach().cpu()
+    return x.argmax(dim=1) if x.ndim == 2 else x.long()
+
+
+def per_class_recall(logits_or_preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """float64 ``[C]``: share of each class's images predicted as that class (NaN for a class with none).
+
+    It is the per-class accuracy of ``evaluate`` and the recall of :func:`per_class_table`.
+    """
+    preds, labels = _preds(logits_or_preds), labels.detach().cpu().long()
+    if preds.shape != labels.shape:
+        raise ValueError(f"{tuple(preds.shape)} predictions for {tuple(labels.shape)} labels")
+    total = torch.bincount(labels, minlength=num_classes).double()
+    right = torch.bincount(labels[preds == labels], minlength=num_classes).double()
+    return torch.where(total > 0, right / total.clamp_min(1), torch.full_like(total, math.nan))
+
+
+def balanced_accuracy(logits_or_preds: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> float:
+    """The mean per-class recall over the classes present in ``labels`` (scikit-learn's
+    ``balanced_accuracy_score``): every class counts the same, however many images it has. On a balanced
+    split it equals the accuracy."""
+    labels = labels.detach().cpu().long()
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    recall = per_class_recall(logits_or_preds, labels, num_classes)
+    return float(recall[~recall.isnan()].mean())
+
+
 def per_class_table(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
     """Precision, recall, F1 and support per class, read off the confusion matrix.
 
@@ -116,7 +148,7 @@ def per_class_table(logits: torch.Tensor, labels: torch.Tensor, classes: Sequenc
     right = cm.diag()
     predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
     precision = torch.where(predicted > 0, right / predicted.clamp_min(1), torch.zeros_like(right))
-    recall = torch.where(actual > 0, right / actual.clamp_min(1), torch.zeros_like(right))
+    recall = per_class_recall(logits, labels, len(classes)).nan_to_num(0.0)  # a class without images: 0
     both = precision + recall
     f1 = torch.where(both > 0, 2 * precision * recall / both.clamp_min(1e-12), torch.zeros_like(right))
     table = pd.DataFrame(
@@ -142,14 +174,11 @@ def confident_mistakes(
     confidence, preds = probs.max(dim=1)
     wrong = torch.nonzero(preds != labels).flatten()
     order = wrong[confidence[wrong].argsort(descending=True)][:k]
-
-    def name(c: int) -> object:
-        return classes[c] if classes is not None else c
-
+    names: Sequence[object] = range(logits.shape[1]) if classes is None else classes
     return pd.DataFrame({
         "index": order.numpy(),
-        "label": [name(int(c)) for c in labels[order]],
-        "pred": [name(int(c)) for c in preds[order]],
+        "label": [names[int(c)] for c in labels[order]],
+        "pred": [names[int(c)] for c in preds[order]],
         "confidence": confidence[order].numpy(),
         "p_label": probs[order, labels[order]].numpy(),
     })
@@ -161,7 +190,7 @@ def confident_mistakes(
 def average_logits(*logits: torch.Tensor) -> torch.Tensor:
     """The book's one test-time-augmentation rule: the mean of the views' logits, ``mean_i logits_i``.
 
-    Chapter 7's flip TTA (:func:`flip_tta`), chapter 14's speed benchmark (``speed.flip_tta_accuracy``) and
+    Chapter 7's flip TTA (:func:`flip_tta`), chapter 14's speed benchmark (``evaluate.flip_tta_accuracy``) and
     the ladder of ``bench/`` all combine views through this function.
     """
     # Why the mean of the logits, not of the probabilities (VGG's rule, also common): it is the rule of airbench,
@@ -282,28 +311,22 @@ CORRUPTIONS = tuple(SEVERITIES)
 
 
 def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = images.float()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    """A Gaussian blur of standard deviation ``sigma`` pixels, over ``3 sigma`` on each side, reflected borders."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    size = 2 * max(1, math.ceil(3 * sigma)) + 1
+    return gaussian_blur(images, kernel_size=[size, size], sigma=[sigma, sigma])  # uint8 in, rounded uint8 out
 
 
 def _jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """Each image saved as a JPEG of ``quality`` by Pillow and read back."""
     from PIL import Image
 
     out = torch.empty_like(images)
     for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
-        buffer.seek(0)
-        out[i] = torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()).permute(2, 0, 1)
+        out[i] = read_image(buffer.getvalue())
     return out
 
 
@@ -360,22 +383,9 @@ def corruption_table(
 
 
 __all__ = [
-    "CORRUPTIONS",
-    "SEVERITIES",
-    "accuracy",
-    "accuracy_se",
-    "apply_temperature",
-    "average_logits",
-    "confident_mistakes",
-    "confusion_matrix",
-    "corrupt",
-    "corruption_table",
-    "expected_calibration_error",
-    "fit_temperature",
-    "flip_tta",
-    "nll",
-    "paired_difference",
-    "per_class_table",
-    "reliability_bins",
-    "top_k_accuracy",
+    "accuracy", "top_k_accuracy", "accuracy_se", "paired_difference", "confusion_matrix", "per_class_recall",
+    "balanced_accuracy", "per_class_table", "confident_mistakes",  # accuracy and per-class scores
+    "average_logits", "flip_tta",  # test-time augmentation
+    "nll", "reliability_bins", "expected_calibration_error", "fit_temperature", "apply_temperature",  # calibration
+    "SEVERITIES", "CORRUPTIONS", "corrupt", "corruption_table",  # robustness
 ]

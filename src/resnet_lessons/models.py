@@ -14,7 +14,11 @@ And the pre-activation networks of He et al., "Identity Mappings in Deep Residua
 ``preact_resnet8/20/32/44/56/110``, the CIFAR family rebuilt from :class:`PreActBlock` (BN-ReLU-conv twice, nothing
 after the addition).
 
-Build any of them with :func:`build_model`; :data:`MODELS` maps names to builders.
+The three network classes share :class:`ResNetBase`: torchvision's module names (stem ``conv1``, ``bn1``,
+``relu``, ``maxpool``; stages ``layer1..layerN``; ``fc``), the input check and ``forward``. A *stage*, here and
+in the paper, is a run of blocks at one resolution and width. Build any network with :func:`build_model`;
+:data:`MODELS` maps names to builders. :func:`count_parameters`, :func:`count_flops` and :func:`shape_trace`
+measure them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .runtime import eval_mode
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -231,66 +237,42 @@ class PreActBlock(nn.Module):
 Block = type[BasicBlock] | type[Bottleneck]
 
 
-class ResNet(nn.Module):
-    """Stem, stages ``layer1..layerN`` (the first keeps the resolution, each next one halves it),
-    global average pool, ``fc``. Module names follow torchvision."""
+def init_like_torchvision(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation: He et al. (2015) for convolutions (fan-out, for ReLU), every BatchNorm
+    the identity (weight 1, bias 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
-    def __init__(
-        self,
-        block: Block,
-        layers: Sequence[int],
-        widths: Sequence[int],
-        *,
-        num_classes: int = 10,
-        stem: Stem = "imagenet",
-        shortcut: Shortcut = "B",
-        residual: bool = True,
-        in_channels: int = 3,
-        zero_init_residual: bool = False,
-        arch: str = "resnet",
-    ) -> None:
+
+class ResNetBase(nn.Module):
+    """What :class:`ResNet`, :class:`ResNet9` and :class:`PreActResNet` share, under torchvision's module names:
+    a stem ``conv1``, ``bn1``, ``relu``, ``maxpool``; stages ``layer1..layerN`` (each added by :meth:`add_stage`);
+    ``fc`` on the ``num_features`` penultimate features. A subclass builds them and defines :meth:`features`."""
+
+    conv1: nn.Conv2d
+    bn1: nn.BatchNorm2d
+    relu: nn.ReLU
+    maxpool: nn.Module
+    fc: nn.Linear
+    num_features: int  # inputs of fc: the channels of the last stage
+    min_input_size: int  # the smallest height and width (pixels) that check_input accepts
+
+    def __init__(self, arch: str, in_channels: int, stem: Stem) -> None:
         super().__init__()
         self.arch = arch
         self.in_channels = in_channels
         self.stem_kind = stem
-        stem_width = widths[0]
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        else:
-            self.conv1 = conv3x3(in_channels, stem_width)
-            self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(stem_width)
-        self.relu = nn.ReLU(inplace=True)
-
-        channels = stem_width
         self.stage_names: list[str] = []
-        for index, (blocks, width) in enumerate(zip(layers, widths)):
-            stride = 1 if index == 0 else 2
-            stage, channels = _make_stage(block, channels, width, blocks, stride, shortcut, residual)
-            name = f"layer{index + 1}"
-            self.add_module(name, stage)
-            self.stage_names.append(name)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(channels, num_classes)
-        self.num_features = channels
-        # The smallest image for which every stride-2 step still halves something: below it the last
-        # stages only ever see a 1x1 map that is mostly padding.
-        self.min_input_size = (4 if stem == "imagenet" else 1) * 2 ** (len(layers) - 1)
 
-        for m in self.modules():  # the initialisation of torchvision (He et al. 2015 for convolutions)
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            # Goyal et al. (2017): each block starts as ReLU(shortcut(x)), the net as a shallower one.
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+    def add_stage(self, stage: nn.Sequential) -> None:
+        """Register ``stage`` as the next ``layerN``."""
+        name = f"layer{len(self.stage_names) + 1}"
+        self.add_module(name, stage)
+        self.stage_names.append(name)
 
     @property
     def stages(self) -> list[nn.Sequential]:
@@ -312,8 +294,8 @@ class ResNet(nn.Module):
                 + (" (or build it with stem='cifar')" if self.stem_kind == "imagenet" else "")
             )
 
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate features: the globally pooled output of the last stage, ``[batch, num_features]``."""
+    def stem_and_stages(self, x: Tensor) -> Tensor:
+        """Check ``x``, then run the stem and every stage: the last stage's map, before any pooling."""
         self.check_input(x)
         x = self.conv1(x)
         x = self.bn1(x)
@@ -321,11 +303,71 @@ class ResNet(nn.Module):
         x = self.maxpool(x)
         for stage in self.stages:
             x = stage(x)
-        x = self.avgpool(x)
-        return torch.flatten(x, 1)
+        return x
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features ``[batch, num_features]``: what ``fc`` sees."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
+
+
+class ResNet(ResNetBase):
+    """Stem, stages ``layer1..layerN`` (the first keeps the resolution, each next one halves it),
+    global average pool, ``fc``. Module names follow torchvision."""
+
+    def __init__(
+        self,
+        block: Block,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        *,
+        num_classes: int = 10,
+        stem: Stem = "imagenet",
+        shortcut: Shortcut = "B",
+        residual: bool = True,
+        in_channels: int = 3,
+        zero_init_residual: bool = False,
+        arch: str = "resnet",
+    ) -> None:
+        super().__init__(arch, in_channels, stem)
+        stem_width = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_channels, stem_width)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+
+        channels = stem_width
+        for index, (blocks, width) in enumerate(zip(layers, widths)):
+            stride = 1 if index == 0 else 2
+            stage, channels = _make_stage(block, channels, width, blocks, stride, shortcut, residual)
+            self.add_stage(stage)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        # The smallest image for which every stride-2 step still halves something: below it the last
+        # stages only ever see a 1x1 map that is mostly padding.
+        self.min_input_size = (4 if stem == "imagenet" else 1) * 2 ** (len(layers) - 1)
+
+        init_like_torchvision(self)
+        if zero_init_residual:
+            # Goyal et al. (2017): each block starts as ReLU(shortcut(x)), the net as a shallower one.
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features: the globally pooled output of the last stage, ``[batch, num_features]``."""
+        x = self.stem_and_stages(x)
+        x = self.avgpool(x)
+        return torch.flatten(x, 1)
 
 
 def _make_stage(
@@ -353,58 +395,57 @@ def _conv_pool(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class ResNet9(nn.Module):
+class ResNet9(ResNetBase):
     """ResNet-9 (Page 2018): a 3x3 stem, three stages that each convolve, pool and (the first and last) add a
     residual :class:`BasicBlock`, global max-pool, a bias-free ``fc`` whose logits are scaled by 1/8.
 
     Only the stem runs at 32x32: the work sits in a few wide convolutions at 16x16 and below, which keep a
-    processor's vector units busier than ResNet-20's narrow full-resolution ones. Same interface as
-    :class:`ResNet` (``stages``, ``features``, ``fc``, ``num_features``, ``check_input``); PyTorch's default
+    processor's vector units busier than ResNet-20's narrow full-resolution ones. The interface of
+    :class:`ResNetBase` (``stages``, ``features``, ``fc``, ``num_features``, ``check_input``); PyTorch's default
     initialisation, as in Page's runs."""
 
     logit_scale = 0.125  # Page: a smaller output scale lets the high learning rate train the head stably
 
     def __init__(self, widths: Sequence[int], *, num_classes: int = 10, in_channels: int = 3) -> None:
-        super().__init__()
-        self.arch = "resnet9"
-        self.in_channels = in_channels
-        self.stem_kind = "cifar"
+        super().__init__("resnet9", in_channels, "cifar")
         stem, w1, w2, w3 = widths
         self.conv1 = conv3x3(in_channels, stem)
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity()  # for shape_trace and the stem/stage names shared with ResNet
-        self.layer1 = nn.Sequential(_conv_pool(stem, w1), BasicBlock(w1, w1))
-        self.layer2 = nn.Sequential(_conv_pool(w1, w2))
-        self.layer3 = nn.Sequential(_conv_pool(w2, w3), BasicBlock(w3, w3))
-        self.stage_names = ["layer1", "layer2", "layer3"]
+        self.add_stage(nn.Sequential(_conv_pool(stem, w1), BasicBlock(w1, w1)))
+        self.add_stage(nn.Sequential(_conv_pool(w1, w2)))
+        self.add_stage(nn.Sequential(_conv_pool(w2, w3), BasicBlock(w3, w3)))
         self.pool = nn.AdaptiveMaxPool2d((1, 1))
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.num_features = w3
         self.min_input_size = 8  # three 2x2 pools
 
-    stages = ResNet.stages
-    check_input = ResNet.check_input
-
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features: the globally max-pooled output of the last stage, ``[batch, num_features]``."""
-        self.check_input(x)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in self.stages:
-            x = stage(x)
-        return torch.flatten(self.pool(x), 1)
+        return torch.flatten(self.pool(self.stem_and_stages(x)), 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x)) * self.logit_scale
 
 
-class PreActResNet(nn.Module):
+def _make_preact_stage(in_channels: int, width: int, blocks: int, stride: int, shortcut: Shortcut,
+                       preactivate: bool) -> nn.Sequential:
+    """``blocks`` :class:`PreActBlock`; only the first changes stride and width, and only it may skip its
+    pre-activation (``preactivate=False``: the network's first block, whose input the stem pre-activated)."""
+    downsample = make_preact_shortcut(in_channels, width, stride, shortcut)
+    layers = [PreActBlock(in_channels, width, stride, downsample, preactivate=preactivate)]
+    layers += [PreActBlock(width, width) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+class PreActResNet(ResNetBase):
     """The pre-activation ResNet of He et al. (2016b) for CIFAR: a 3x3 stem whose BN-ReLU is the first
     block's pre-activation, stages of :class:`PreActBlock` (widths 16/32/64 for the 6n+2 family), then a
     final BN-ReLU (the last block's output is a sum that no BatchNorm has seen), global average pool, ``fc``.
 
-    Same interface as :class:`ResNet` (``stages``, ``features``, ``fc``, ``num_features``, ``check_input``,
-    ``min_input_size``) and the same initialisation; with option A it has exactly the parameters of the
+    The interface of :class:`ResNetBase` (``stages``, ``features``, ``fc``, ``num_features``, ``check_input``,
+    ``min_input_size``) and :class:`ResNet`'s initialisation; with option A it has exactly the parameters of the
     original network of the same depth."""
 
     def __init__(
@@ -417,10 +458,7 @@ class PreActResNet(nn.Module):
         in_channels: int = 3,
         arch: str = "preact_resnet",
     ) -> None:
-        super().__init__()
-        self.arch = arch
-        self.in_channels = in_channels
-        self.stem_kind = "cifar"
+        super().__init__(arch, in_channels, "cifar")
         stem_width = widths[0]
         self.conv1 = conv3x3(in_channels, stem_width)
         self.bn1 = nn.BatchNorm2d(stem_width)  # the first block's pre-activation, shared with its shortcut
@@ -428,50 +466,24 @@ class PreActResNet(nn.Module):
         self.maxpool = nn.Identity()  # for shape_trace and the stem/stage names shared with ResNet
 
         channels = stem_width
-        self.stage_names: list[str] = []
         for index, (blocks, width) in enumerate(zip(layers, widths)):
-            stage = []
-            for position in range(blocks):
-                stride = 2 if index > 0 and position == 0 else 1
-                downsample = make_preact_shortcut(channels, width, stride, shortcut)
-                first = index == 0 and position == 0
-                stage.append(PreActBlock(channels, width, stride, downsample, preactivate=not first))
-                channels = width
-            name = f"layer{index + 1}"
-            self.add_module(name, nn.Sequential(*stage))
-            self.stage_names.append(name)
+            stride = 1 if index == 0 else 2
+            self.add_stage(_make_preact_stage(channels, width, blocks, stride, shortcut, preactivate=index > 0))
+            channels = width
         self.final_bn = nn.BatchNorm2d(channels)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
         self.min_input_size = 2 ** (len(layers) - 1)
-
-        for m in self.modules():  # as ResNet: He et al. (2015) for convolutions, BatchNorm as the identity
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    stages = ResNet.stages
-    check_input = ResNet.check_input
+        init_like_torchvision(self)
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features: ReLU(BN(last stage)), globally pooled, ``[batch, num_features]``."""
-        self.check_input(x)
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.relu(x)
-        x = self.maxpool(x)
-        for stage in self.stages:
-            x = stage(x)
+        x = self.stem_and_stages(x)
         x = self.final_bn(x)
         x = self.relu(x)
         x = self.avgpool(x)
         return torch.flatten(x, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
 
 
 def _check_options(arch: str, num_classes: int, width: float, in_channels: int, **choices: str) -> None:
@@ -653,7 +665,8 @@ def check_options(name: str, num_classes: Any, options: dict[str, Any]) -> None:
             raise ValueError(f"{name} has no option {option!r}; its options are: {', '.join(valid)}")
     limits = {"num_classes": MAX_CLASSES, "in_channels": MAX_IN_CHANNELS}
     for option, value in (("num_classes", num_classes), *options.items()):
-        if option in limits and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits[option]):
+        if option in limits and (isinstance(value, bool) or not isinstance(value, int)
+                                 or not 1 <= value <= limits[option]):
             raise ValueError(f"{name}: {option} must be a whole number from 1 to {limits[option]}, got {value!r}")
         if option == "width" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value <= MAX_WIDTH):
@@ -678,11 +691,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _probe(model: nn.Module, input_size: Sequence[int]) -> Tensor:
+def _probe(model: nn.Module, input_size: Sequence[int]) -> None:
+    """One forward pass of a zero batch of ``input_size`` (on the model's device, in its dtype), in eval mode
+    and without gradients; the model goes back to the mode it was in."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    return torch.zeros(tuple(input_size), device=device, dtype=dtype)
+    with eval_mode(model), torch.no_grad():
+        model(torch.zeros(tuple(input_size), device=device, dtype=dtype))
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) -> int:
@@ -693,39 +709,31 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) ->
     products are counted; BatchNorm, ReLU, pooling and additions are not."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(_probe(model, input_size))
-    finally:
-        model.train(was_training)
+    with FlopCounterMode(display=False) as counter:
+        _probe(model, input_size)
     return int(counter.get_total_flops())
 
 
 def shape_trace(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) -> pd.DataFrame:
-    """Output shape after the stem, each stage, the pool and ``fc`` for one forward pass.
+    """Output shape after the stem, each stage, the pool and ``fc`` for one forward pass: one row per point of
+    the pass, named in the ``stage`` column (``input``, ``stem``, ``layer1``.., ``pool``, ``fc``).
 
     Works on any network with torchvision's ResNet module names (ours and torchvision's)."""
     import pandas as pd
 
-    stages = [name for name, _ in model.named_children() if name.startswith("layer")]
+    stage_names = [name for name, _ in model.named_children() if name.startswith("layer")]
     pool = "avgpool" if hasattr(model, "avgpool") else "pool"  # ResNet-9 max-pools
-    points = {"maxpool": "stem", **{name: name for name in stages}, pool: "pool", "fc": "fc"}
+    points = {"maxpool": "stem", **{name: name for name in stage_names}, pool: "pool", "fc": "fc"}
     rows: list[dict[str, object]] = [{"stage": "input", "shape": tuple(input_size)}]
     handles = [
         getattr(model, module).register_forward_hook(
-            lambda _m, _i, out, stage=stage: rows.append({"stage": stage, "shape": tuple(out.shape)})
+            lambda _m, _i, out, point=point: rows.append({"stage": point, "shape": tuple(out.shape)})
         )
-        for module, stage in points.items()
+        for module, point in points.items()
     ]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(_probe(model, input_size))
+        _probe(model, input_size)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     table = pd.DataFrame(rows)
@@ -742,11 +750,13 @@ __all__ = [
     "PreActResNet",
     "ResNet",
     "ResNet9",
+    "ResNetBase",
     "ZeroPadShortcut",
     "build_model",
     "check_options",
     "count_flops",
     "count_parameters",
+    "init_like_torchvision",
     "make_preact_shortcut",
     "make_shortcut",
     "model_options",

@@ -57,7 +57,9 @@ def psi(expected: torch.Tensor, actual: torch.Tensor, eps: float = 1e-4) -> floa
 
 def _check(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty batch of uint8 images [N, C, H, W]; got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"expected a non-empty batch of uint8 images [N, C, H, W]; got {images.dtype} {tuple(images.shape)}"
+        )
 
 
 @dataclass
@@ -78,7 +80,8 @@ class DriftReport:
     def worst(self) -> str:
         return max(self.shifts, key=lambda k: abs(self.shifts[k]))
 
-    def as_row(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
+        """One row of a table of batches: the verdict and its numbers (the per-feature shifts left out)."""
         return {"images": self.n, "score": self.score, "threshold": self.threshold, "drifted": self.drifted,
                 "worst feature": self.worst, "brightness PSI": self.psi}
 
@@ -105,9 +108,13 @@ class DriftReference:
         """Statistics of the training images (uint8 ``[N, 3, H, W]``)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images [N, 3, H, W]; got {tuple(images.shape)}")
-        features = torch.cat([image_features(images[i : i + chunk]) for i in range(0, len(images), chunk)])
-        histogram = sum(brightness_histogram(images[i : i + chunk], bins) * len(images[i : i + chunk])
-                        for i in range(0, len(images), chunk)) / len(images)
+        starts = range(0, len(images), chunk)
+        features = torch.cat([image_features(images[i : i + chunk]) for i in starts])
+        histogram = torch.zeros(bins, dtype=torch.float64)
+        for i in starts:  # each chunk's shares, weighted by its number of images
+            batch = images[i : i + chunk]
+            histogram += brightness_histogram(batch, bins) * len(batch)
+        histogram /= len(images)
         return cls(
             feature_mean=tuple(features.mean(0).tolist()),
             feature_std=tuple(features.std(0).clamp_min(1e-6).tolist()),
@@ -135,7 +142,8 @@ class DriftReference:
             shifts=dict(zip(FEATURES, shifts.tolist())),
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers, for JSON; :meth:`from_dict` reads them back."""
         return asdict(self)
 
     @classmethod

@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from . import checkpoints
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 Optimizer = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["onecycle", "cosine", "step", "constant"]
@@ -63,18 +66,10 @@ class TrainConfig:
     crop_padding: int = 4  # random crop after zero padding by this many pixels; 0: no crop
     flip: bool = True  # random horizontal flips
     cutout: int = 0  # side of a random square blanked out; 0: none
-    # early stopping on the validation split (the article's step 6)
-    patience: int | None = None  # stop after this many epochs without a better validation score; None: never
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what "better" means
-    restore_best: bool = True  # with early stopping: end with the weights of the best epoch
     # speed ("auto": bf16 + channels_last where the hardware computes bf16, fp16 on older GPUs, else fp32)
     precision: Precision = "auto"  # autocast: bf16, or fp16 with a gradient scaler (train.resolve_precision)
     channels_last: bool | None = None  # NHWC memory layout; None: on with CUDA or with bf16 on a CPU
-    compile: bool = False  # torch.compile the model (minutes of compiling; pays off for long GPU runs)
-    # bookkeeping
-    checkpoint_every: int = 1  # epochs between checkpoints when fit has a checkpoint_dir
     seed: int = 0  # seeds the shuffling and augmentation (initialise the model with runtime.seed_everything)
-    quiet: bool = False  # no progress bars (tests, CI logs)
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,8 +77,8 @@ class TrainConfig:
             problems.append(f"epochs must be at least 1, got {self.epochs}")
         if self.budget_seconds is not None and not self.budget_seconds > 0:
             problems.append(f"budget_seconds must be more than 0, got {self.budget_seconds}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            problems.append(f"batch sizes must be at least 1, got {self.batch_size} and {self.eval_batch_size}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             problems.append(f"lr must be more than 0, got {self.lr}")
         if self.optimizer not in ("sgd", "adamw", "adam"):
@@ -96,10 +91,6 @@ class TrainConfig:
             problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.patience is not None and self.patience < 1:
-            problems.append(f"patience must be at least 1 (or None), got {self.patience}")
-        if self.monitor not in ("val_accuracy", "val_loss"):
-            problems.append(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -107,30 +98,53 @@ class TrainConfig:
         return checkpoints._plain(asdict(self))
 
 
-def config_from_profile(profile: Any, **overrides: Any) -> TrainConfig:
-    """The recipe of a :class:`resnet_lessons.profiles.Profile`: SGD with Nesterov and a one-cycle schedule
-    at the profile's model, epochs, batch size, peak lr, weight decay, label smoothing and precision."""
-    values = dict(
-        model=profile.model,
-        model_options=dict(profile.model_options),
-        epochs=profile.epochs,
-        batch_size=profile.batch_size,
-        lr=profile.lr,
-        weight_decay=profile.weight_decay,
-        label_smoothing=profile.label_smoothing,
-        precision=profile.precision,
-        eval_batch_size=profile.eval_batch_size,
-        seed=profile.seed,
-        quiet=profile.quiet,
-        optimizer="sgd",
-        nesterov=True,
-        schedule="onecycle",
-    )
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is watched, stopped and kept, beside its recipe. None of these is compared when a run resumes,
+    so each may differ between a run and its resume; the recipe (:class:`TrainConfig`) may not."""
+
+    quiet: bool = False  # no progress bars or per-epoch lines (tests, CI logs, a rendered book)
+    eval_batch_size: int = 1000  # images per forward pass when validating (no gradients, so it can be large)
+    compile: bool = False  # torch.compile the model (minutes of compiling; pays off for long GPU runs)
+    checkpoint_every: int = 1  # epochs between checkpoints when fit has a checkpoint_dir
+    # early stopping on the validation split (the article's step 6): hooks.EarlyStopping
+    patience: int | None = None  # stop after this many epochs without a better validation score; None: never
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what "better" means
+    restore_best: bool = True  # with early stopping: end with the weights of the best epoch
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.eval_batch_size < 1:
+            problems.append(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        if self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        if self.patience is not None and self.patience < 1:
+            problems.append(f"patience must be at least 1 (or None), got {self.patience}")
+        if self.monitor not in ("val_accuracy", "val_loss"):
+            problems.append(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# The fields of a Profile that are also fields of its recipe (the rest of the recipe is TrainConfig's default).
+PROFILE_RECIPE = ("model", "model_options", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
+                  "precision", "seed")
+
+
+def config_from_profile(profile: Profile, **overrides: Any) -> TrainConfig:
+    """The recipe of a :class:`resnet_lessons.profiles.Profile`: TrainConfig's SGD with Nesterov and a one-cycle
+    schedule, at the profile's model, epochs, batch size, peak lr, weight decay, label smoothing and precision."""
     unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise TypeError(f"TrainConfig has no field(s) {sorted(unknown)}")
-    values.update(overrides)
-    return TrainConfig(**values)
+    values: dict[str, Any] = {name: getattr(profile, name) for name in PROFILE_RECIPE}
+    values["model_options"] = dict(profile.model_options)
+    return TrainConfig(**{**values, **overrides})
+
+
+def options_from_profile(profile: Profile, **overrides: Any) -> RunOptions:
+    """The run options of a profile: its quietness and validation batch size."""
+    return RunOptions(**{"quiet": profile.quiet, "eval_batch_size": profile.eval_batch_size, **overrides})
 
 
 # --- the learning-rate schedule ------------------------------------------------------------------
@@ -176,7 +190,8 @@ def decays(parameter: torch.Tensor, decay_norm_and_bias: bool) -> bool:
 def decay_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The default parameter groups: the trainable parameters with ``cfg.weight_decay``, then (unless
     ``cfg.decay_norm_and_bias``) the BatchNorm and bias ones without. Frozen parameters are left out."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if decays(parameter, cfg.decay_norm_and_bias) else no_decay).append(parameter)
@@ -217,20 +232,23 @@ def make_optimizer(
     on); a group without ``weight_decay`` gets ``cfg.weight_decay``. Each group's ``lr`` is set by
     :func:`resnet_lessons.train.fit` at every step: the scheduled lr times the group's ``lr_scale`` (1 if absent)."""
     groups = decay_groups(model, cfg) if param_groups is None else _given_groups(model, param_groups)
-    settings = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    lr, decay = cfg.lr, cfg.weight_decay
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **settings)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, betas=(cfg.momentum, 0.999), **settings)
-    return torch.optim.Adam(groups, betas=(cfg.momentum, 0.999), **settings)
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=decay)
+    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=decay)
 
 
 __all__ = [
+    "PROFILE_RECIPE",
+    "RunOptions",
     "TrainConfig",
     "config_from_profile",
     "decay_groups",
     "decays",
     "lr_at",
     "make_optimizer",
+    "options_from_profile",
     "schedule_curve",
 ]

@@ -4,7 +4,7 @@ panel) and returns the Figure, so chapters, widgets and tests can use the same d
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib.pyplot as plt
 import torch
@@ -12,11 +12,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
+    from numpy.typing import NDArray
 
 
-def subplots(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """``plt.subplots`` detached from pyplot, so a notebook shows the returned Figure once, not twice."""
+def subplots(*args: Any, **kwargs: Any) -> tuple[Figure, Any]:
+    """``plt.subplots`` detached from pyplot, so a notebook shows the returned Figure once, not twice. The
+    second item is an Axes, or an array of them (as from ``plt.subplots``)."""
     fig, axes = plt.subplots(*args, **kwargs)
     plt.close(fig)
     return fig, axes
@@ -25,7 +28,7 @@ def subplots(*args, **kwargs):  # type: ignore[no-untyped-def]
 def figure_and_axes(ax: Axes | None, figsize: tuple[float, float] = (5, 3.5)) -> tuple[Figure, Axes]:
     """Draw on ``ax`` when given, else on a new single-panel figure."""
     if ax is not None:
-        return ax.figure, ax
+        return cast(Figure, ax.figure), ax  # a SubFigure's axes give the SubFigure, which draws the same way
     return subplots(figsize=figsize)
 
 
@@ -43,30 +46,9 @@ def _epoch_panels(fig: Figure, axes: Sequence[Axes], ylabels: Sequence[str], *, 
     return fig
 
 
-def image_grid(
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    classes: Sequence[str] | None = None,
-    *,
-    ncols: int = 10,
-    title: str | None = None,
-    scale: float = 1.1,
-) -> Figure:
-    """uint8 images ``[N, 3, H, W]`` in a grid, each titled with its class name when labels are given."""
-    n = images.shape[0]
-    nrows = max(1, -(-n // ncols))
-    fig, axes = subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * 1.15), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        if labels is not None and classes is not None:
-            ax.set_title(classes[int(labels[i])], fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+def _as_rgb(image: torch.Tensor) -> NDArray[np.uint8]:
+    """uint8 ``[3, H, W]`` as an ``[H, W, 3]`` array for ``imshow``."""
+    return image.permute(1, 2, 0).cpu().numpy()
 
 
 def class_samples(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8) -> Figure:
@@ -78,7 +60,7 @@ def class_samples(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[
             ax.set_xticks([])
             ax.set_yticks([])
             if j < index.numel():
-                ax.imshow(images[index[j]].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+                ax.imshow(_as_rgb(images[index[j]]), interpolation="nearest")
         axes[c][0].set_ylabel(classes[c], rotation=0, ha="right", va="center", fontsize=9)
     fig.tight_layout()
     return fig
@@ -145,24 +127,19 @@ def degradation_curves(curves: pd.DataFrame, *, metric: str = "train_accuracy") 
 # --- evaluation and looking inside (chapters 7-9) ------------------------------------------------
 
 
-def _as_rgb(image: torch.Tensor):  # type: ignore[no-untyped-def]
-    """uint8 ``[3, H, W]`` as an ``[H, W, 3]`` array for ``imshow``."""
-    return image.permute(1, 2, 0).cpu().numpy()
-
-
 def confusion_matrix_figure(
-    cm: torch.Tensor, classes: Sequence[str], *, normalize: bool = True, ax: Axes | None = None
+    cm: torch.Tensor, classes: Sequence[str], *, normalise: bool = True, ax: Axes | None = None
 ) -> Figure:
-    """The confusion matrix (rows: true class, columns: predicted); ``normalize`` shows each row as shares."""
+    """The confusion matrix (rows: true class, columns: predicted); ``normalise`` shows each row as shares."""
     fig, ax = figure_and_axes(ax, (6, 5))
     values = cm.double()
-    if normalize:
+    if normalise:
         values = values / values.sum(dim=1, keepdim=True).clamp_min(1)
-    image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=1 if normalise else None)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             v = values[i, j].item()
-            text = f"{v:.2f}".lstrip("0") if normalize else str(int(v))
+            text = f"{v:.2f}".lstrip("0") if normalise else str(int(v))
             ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="white" if v > 0.6 * float(values.max()) else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
@@ -174,7 +151,7 @@ def confusion_matrix_figure(
     return fig
 
 
-def reliability_diagram(bins, *, title: str | None = None, ax: Axes | None = None) -> Figure:  # type: ignore[no-untyped-def]
+def reliability_diagram(bins: pd.DataFrame, *, title: str | None = None, ax: Axes | None = None) -> Figure:
     """Accuracy per confidence bin (bars) against the diagonal of perfect calibration.
 
     ``bins`` is ``metrics.reliability_bins``' table (``lo``, ``hi``, ``count``, ``confidence``,
@@ -216,7 +193,7 @@ def labelled_images(
     return fig
 
 
-def robustness_curves(table, *, title: str | None = None, ax: Axes | None = None) -> Figure:  # type: ignore[no-untyped-def]
+def robustness_curves(table: pd.DataFrame, *, title: str | None = None, ax: Axes | None = None) -> Figure:
     """Accuracy against severity, one line per corruption (``metrics.corruption_table``' table)."""
     fig, ax = figure_and_axes(ax, (5, 3.5))
     for corruption, row in table.iterrows():
@@ -339,7 +316,7 @@ def retrieval_grid(
 # --- data (chapter 2) --------------------------------------------------------------------------------
 
 
-def _mosaic(tiles: torch.Tensor, gap: int = 2, fill: int = 255):  # type: ignore[no-untyped-def]
+def _mosaic(tiles: torch.Tensor, gap: int = 2, fill: int = 255) -> NDArray[np.uint8]:
     """uint8 ``[R, C, 3, H, W]`` as one ``[R*(H+gap), C*(W+gap), 3]`` array with white gaps."""
     r, c, _, h, w = tiles.shape
     out = torch.full((r, h + gap, c, w + gap, 3), fill, dtype=torch.uint8)

@@ -1,8 +1,10 @@
 """Run profiles: how much compute a chapter, a test or a command-line run may use.
 
-This module is the one place that reads the environment (``RESNET_LESSONS_PROFILE``,
-``RESNET_LESSONS_DATA``, ``RESNET_LESSONS_CHAPTER_SECONDS`` and ``RESNET_LESSONS_QUIET``). Everything else takes a :class:`Profile` or explicit arguments.
-Profiles are frozen: derive a variant with :func:`dataclasses.replace`, never mutate one.
+This module is the one place that reads our environment variables (``RESNET_LESSONS_PROFILE``,
+``RESNET_LESSONS_DATA``, ``RESNET_LESSONS_CHAPTER_SECONDS`` and ``RESNET_LESSONS_QUIET``); torchrun's own
+variables are read by one function, :func:`resnet_lessons.distributed.torchrun_env`. Everything else takes a
+:class:`Profile` or explicit arguments. Profiles are frozen: derive a variant with :func:`dataclasses.replace`,
+never mutate one.
 """
 
 from __future__ import annotations
@@ -11,12 +13,21 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypedDict
 
 PROFILE_ENV = "RESNET_LESSONS_PROFILE"
 DATA_ENV = "RESNET_LESSONS_DATA"
 CHAPTER_ENV = "RESNET_LESSONS_CHAPTER_SECONDS"  # a chapter budget other than the profile's (a quick look, a GPU check)
 QUIET_ENV = "RESNET_LESSONS_QUIET"  # 1: no progress output (`make book`: a rendered page shows no half-drawn bars)
 NAMED_SOURCES = ("cifar10", "synthetic")
+
+
+class DataSizes(TypedDict):
+    """How :func:`resnet_lessons.data.load` sizes the splits (its keyword arguments of the same names)."""
+
+    train_per_class: int | None
+    val_per_class: int
+    synthetic_per_class: int
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,11 @@ class Profile:
     reference_seconds: float  # training budget of the reference model that chapters 7, 8, 9, 12 and 13 study
     model_options: dict[str, object] = field(default_factory=dict)  # build_model keyword arguments
     precision: str = "auto"  # TrainConfig.precision: "auto" is bf16 where the hardware computes it natively
+
+    def data_sizes(self) -> DataSizes:
+        """The keyword arguments of :func:`resnet_lessons.data.load` that size the splits."""
+        return {"train_per_class": self.train_per_class, "val_per_class": self.val_per_class,
+                "synthetic_per_class": self.synthetic_per_class}
 
     def summary(self) -> str:
         train = "all" if self.train_per_class is None else f"{self.train_per_class}/class"

@@ -1,30 +1,25 @@
-"""Speed: training throughput with each speed feature on or off, flip test-time augmentation, bench results.
+"""Speed: training throughput with each speed feature on or off, bench results.
 
 :func:`measure_throughput` times the steady state of the training step of :func:`resnet_lessons.train.fit`
 (autocast, ``GradScaler`` for fp16, channels_last, ``torch.compile``, SGD) on random images, after warm-up
 steps that pay for compiling and for the allocator; ``bench/throughput.py`` and chapter 14 both use it.
-:func:`flip_tta_accuracy` scores a model with and without flip test-time augmentation, combined by the book's one
-rule (:func:`resnet_lessons.metrics.average_logits`, as in chapter 7).
-:func:`find_result` reads a ``bench/results/*.json`` file of the repository checkout, if there is one.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Generator
+from functools import partial
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
-from .metrics import average_logits
 from .runtime import PRECISIONS
+from .train import train_step
 
 LOADERS = ("device", "dataloader")
 
@@ -50,7 +45,8 @@ def peak_memory_mib(device: torch.device) -> tuple[float | None, str]:
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
-             channels_last: bool, loader: str, num_workers: int):  # type: ignore[no-untyped-def]
+             channels_last: bool, loader: str,
+             num_workers: int) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """An endless stream of augmented, normalised training batches from the chosen loader."""
     from .data import Augment, DeviceLoader, ImageSet, torchvision_loader
 
@@ -85,7 +81,8 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Training images per second of ``model`` over ``steps`` timed steps, after ``warmup`` untimed ones.
 
-    A step is the one of ``train.fit``: loader batch (``"device"``: :class:`~resnet_lessons.data.DeviceLoader`;
+    A step is :func:`resnet_lessons.train.train_step`, the one of ``train.fit``: loader batch (``"device"``:
+    :class:`~resnet_lessons.data.DeviceLoader`;
     ``"dataloader"``: the torchvision ``DataLoader`` with ``num_workers``), forward under autocast, cross-entropy,
     backward, SGD step. The model is trained in place on random images: pass a fresh one. Returns
     ``images_per_s``, ``step_ms``, ``warmup_s`` (compiling happens there), ``peak_memory_mib`` and ``memory``.
@@ -103,24 +100,17 @@ def measure_throughput(
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    forward = torch.compile(model) if compile else model
+    forward = cast(nn.Module, torch.compile(model)) if compile else model  # a compiled module is still called
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches = _batches(images, labels, batch_size, device, channels_last, loader, num_workers)
 
+    loss_fn, autocast = nn.CrossEntropyLoss(), partial(runtime.autocast, precision, device)
+
     def step() -> torch.Tensor:
         x, y = next(batches)
-        with runtime.autocast(precision, device):
-            loss = F.cross_entropy(forward(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return loss.detach()
+        loss, _ = train_step(forward, x, y, optimizer=optimizer, loss_fn=loss_fn, autocast=autocast, scaler=scaler)
+        return loss
 
     timings = []
     for count in (warmup, steps):
@@ -137,66 +127,4 @@ def measure_throughput(
             "warmup_s": warmup_s, "peak_memory_mib": memory, "memory": kind}
 
 
-@torch.no_grad()
-def flip_tta_accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean: Sequence[float], std: Sequence[float],
-    device: str | torch.device = "cpu", batch_size: int = 1000, channels_last: bool = False, precision: str = "fp32",
-) -> tuple[float, float]:
-    """Accuracy of ``model`` on uint8 ``images``: plain, and with flip test-time augmentation (the logits of
-    each image and of its mirror image averaged by :func:`~resnet_lessons.metrics.average_logits`, the rule of
-    chapter 7). The model is put back in the mode it was in."""
-    device = torch.device(device)
-    scale = 1.0 / (255.0 * torch.tensor(std, device=device).view(1, 3, 1, 1))
-    shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * scale * 255.0
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros(2, dtype=torch.int64, device=device)
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(device, non_blocking=True)
-            x = x.to(torch.float32, memory_format=fmt) * scale + shift
-            y = labels[start : start + batch_size].to(device, non_blocking=True)
-            with runtime.autocast(precision, device):
-                logits = model(x).float()
-                mirrored = model(torch.flip(x, dims=(3,))).float()
-            correct[0] += (logits.argmax(1) == y).sum()
-            correct[1] += (average_logits(logits, mirrored).argmax(1) == y).sum()
-    finally:
-        model.train(was_training)
-    n = max(1, int(images.shape[0]))
-    plain, tta = correct.tolist()
-    return plain / n, tta / n
-
-
-def results_dirs() -> list[Path]:
-    """Where ``bench/results`` may be: next to a chapter (``../bench/results``), in the working directory, and
-    in the repository checkout the package was installed from (editable installs)."""
-    package_root = Path(__file__).resolve().parents[2]
-    return [Path("../bench/results"), Path("bench/results"), package_root / "bench" / "results"]
-
-
-def find_result(name: str) -> tuple[dict[str, Any] | None, Path | None]:
-    """The benchmark result ``bench/results/<name>.json`` and its path, or ``(None, None)`` when this
-    installation has none (Colab installs the library without the repository's results). A ``--smoke`` run's
-    output (``"smoke": true``) is a test of the script, not a measurement: it counts as none."""
-    for folder in results_dirs():
-        path = folder / f"{name}.json"
-        if path.is_file():
-            result = json.loads(path.read_text())
-            return (None, None) if result.get("smoke") else (result, path.resolve())
-    return None, None
-
-
-def describe_result(result: dict[str, Any] | None) -> str:
-    """One line that labels a figure: the hardware and the date of a benchmark result."""
-    if not result:
-        return "no measurement in this installation"
-    hw = result.get("hardware", {})
-    threads = hw.get("torch_threads") or hw.get("cpu_count")
-    where = hw.get("cuda") or f"{hw.get('cpu', 'unknown CPU')} ({threads} threads)"
-    return f"{where}, torch {result.get('versions', {}).get('torch', '?')}, {str(result.get('date', '?'))[:10]}"
-
-
-__all__ = ["describe_result", "find_result", "flip_tta_accuracy", "measure_throughput",
-           "peak_memory_mib", "results_dirs", "synchronize"]
+__all__ = ["measure_throughput", "peak_memory_mib", "synchronize"]

@@ -2,10 +2,10 @@
 
 Pretrain on some classes (CIFAR-10's six animals), fine-tune on the others (the four vehicles) with few
 labels, against training from scratch on the same labels (:func:`transfer_experiment`), optionally beside
-recipes of their own such as the article's (:data:`ARTICLE_RECIPE`); the data helpers it
-needs (:func:`select_classes`, :func:`few_labels`, :func:`resize`); what feeding 32x32 images to an ImageNet
+recipes of their own such as the article's (:data:`ARTICLE_RECIPE`); what feeding 32x32 images to an ImageNet
 ResNet costs (:func:`input_handling_costs`); and how far fine-tuning moves the BatchNorm statistics of the
-pretrained network (:func:`batchnorm_statistics`, :func:`batchnorm_shift`). The fine-tuning itself is
+pretrained network (:func:`batchnorm_statistics`, :func:`batchnorm_shift`). The data it needs (a subset of the
+classes, a few labels, resized splits) comes from :mod:`resnet_lessons.data.subsets`; the fine-tuning itself is
 :mod:`resnet_lessons.finetune`.
 """
 
@@ -14,63 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import train
-from .data import DataSplits, ImageSet, channel_stats, take_per_class
-from .finetune import STRATEGY_LR, Weights, finetune, pretrained_model, stage_of, with_normalisation
+from .data import DataSplits, few_labels, select_classes
+from .finetune import STRATEGIES, STRATEGY_LR, finetune, pretrained_model, stage_of, with_normalisation
 from .models import build_model, count_flops
+from .optim import RunOptions, TrainConfig
+from .weights import Weights
 
-# --- data: class subsets, few labels, upsampling ----------------------------------------------------------
-
-
-def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
-    """Only the images of ``classes``, relabelled 0..k-1 in that order; statistics of the new train split."""
-    missing = [c for c in classes if c not in data.classes]
-    if missing:
-        raise ValueError(f"classes {missing} are not in the data (it has {list(data.classes)})")
-    old = torch.tensor([data.classes.index(c) for c in classes])
-    splits = {}
-    for name, split in data.splits.items():
-        keep = torch.isin(split.labels, old)
-        relabel = torch.full((len(data.classes),), -1, dtype=torch.int64)
-        relabel[old] = torch.arange(len(classes))
-        splits[name] = ImageSet(split.images[keep], relabel[split.labels[keep]], tuple(classes))
-    mean, std = channel_stats(splits["train"].images)
-    return replace(data, splits=splits, mean=mean, std=std)
-
-
-def few_labels(data: DataSplits, fraction: float, *, seed: int = 0) -> DataSplits:
-    """Keep ``fraction`` of the training images of each class (at least one); other splits unchanged."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    smallest = min(data.train.counts().values())
-    per_class = max(1, round(fraction * smallest))
-    train_split = data.train.subset(take_per_class(data.train.labels, per_class, seed))
-    mean, std = channel_stats(train_split.images)
-    return replace(data, splits={**data.splits, "train": train_split}, mean=mean, std=std)
-
-
-def resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
-    """uint8 ``[N, 3, h, w]`` upsampled (bilinear) to ``[N, 3, size, size]``."""
-    if images.shape[-2:] == (size, size):
-        return images
-    parts = [F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", align_corners=False,
-                           antialias=size < images.shape[-1]).round().clamp(0, 255).to(torch.uint8)
-             for i in range(0, images.shape[0], chunk)]
-    return torch.cat(parts) if parts else images.new_empty((0, 3, size, size))
-
-
-def resize(data: DataSplits, size: int) -> DataSplits:
-    """Every split of ``data`` at ``size`` x ``size`` (loading with ``data.load(..., image_size=size)`` is the
-    same, done once at load time)."""
-    splits = {k: ImageSet(resize_images(s.images, size), s.labels, s.classes) for k, s in data.splits.items()}
-    return replace(data, splits=splits)
-
+if TYPE_CHECKING:
+    import pandas as pd
 
 # --- input handling for 32x32 images: the cost side ------------------------------------------------------
 
@@ -83,7 +40,8 @@ INPUT_HANDLING = (
 )
 
 
-def input_handling_costs(model_name: str = "resnet18", choices: Sequence[tuple[str, str, int]] = INPUT_HANDLING):
+def input_handling_costs(model_name: str = "resnet18",
+                         choices: Sequence[tuple[str, str, int]] = INPUT_HANDLING) -> pd.DataFrame:
     """One row per way of feeding 32x32 images to an ImageNet ResNet: the feature map the last stage sees,
     and GFLOPs per image (multiply-adds, as in the paper) relative to the article's choice."""
     import pandas as pd
@@ -105,12 +63,15 @@ def input_handling_costs(model_name: str = "resnet18", choices: Sequence[tuple[s
 
 def batchnorm_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Copies of every BatchNorm layer's running mean and variance, by layer name."""
-    return {name: (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())
-            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.running_mean is not None}
+    statistics = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
+            statistics[name] = (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())
+    return statistics
 
 
-def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, ...]], after: Mapping[str, tuple[torch.Tensor, ...]]):
+def batchnorm_shift(before: Mapping[str, tuple[torch.Tensor, ...]],
+                    after: Mapping[str, tuple[torch.Tensor, ...]]) -> pd.DataFrame:
     """Per BatchNorm layer: how far its running statistics moved (largest absolute change of the mean, and
     of the log of the variance). Zero means bit-identical."""
     import pandas as pd
@@ -144,7 +105,7 @@ def transfer_classes(classes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str
     return classes[:cut], classes[cut:]
 
 
-def steps_config(cfg: train.TrainConfig, n_train: int, min_steps: int) -> train.TrainConfig:
+def steps_config(cfg: TrainConfig, n_train: int, min_steps: int) -> TrainConfig:
     """``cfg`` adjusted to a small training split: a batch of at most a quarter of the split (at least 8
     images, never more than the split), and enough epochs for at least ``min_steps`` optimiser steps."""
     batch = max(1, min(cfg.batch_size, n_train, max(8, n_train // 4)))
@@ -164,15 +125,23 @@ class Recipe:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        from .finetune import STRATEGIES
-
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        unknown = sorted(set(self.changes) - {f.name for f in fields(train.TrainConfig)})
+        unknown = sorted(set(self.changes) - {f.name for f in fields(TrainConfig)})
         if unknown:
             raise ValueError(f"TrainConfig has no field(s) {unknown}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
+
+    def config(self, finetune_cfg: TrainConfig) -> TrainConfig:
+        """``finetune_cfg`` with this recipe's changes; its lr scaled by :data:`STRATEGY_LR` unless they set one."""
+        return replace(finetune_cfg, **{"lr": finetune_cfg.lr * STRATEGY_LR[self.strategy], **self.changes})
+
+    def statistics(self, weights: Weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) its inputs are normalised with: its own, else those the weights were trained with."""
+        if self.mean is not None and self.std is not None:
+            return self.mean, self.std
+        return weights.mean, weights.std
 
 
 ARTICLE_RECIPE = Recipe(
@@ -190,20 +159,44 @@ class TransferResult:
     """The table (one row per labels fraction and method), every run's history, how far each fine-tuned
     run moved the BatchNorm statistics of the pretrained network, and the pretrained weights."""
 
-    table: Any  # pandas.DataFrame
-    histories: dict[tuple[float, str], Any]
-    batchnorm_shifts: dict[tuple[float, str], Any]
+    table: pd.DataFrame
+    histories: dict[tuple[float, str], pd.DataFrame]
+    batchnorm_shifts: dict[tuple[float, str], pd.DataFrame]
     pretrained: Weights
-    pretrain_history: Any
+    pretrain_history: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """What every run on the target classes shares: the network, the pretrained weights, where and how to train."""
+
+    model_name: str
+    model_options: Mapping[str, Any]
+    num_classes: int
+    weights: Weights
+    device: str | torch.device
+    options: RunOptions | None
+
+    def from_scratch(self, data: DataSplits, cfg: TrainConfig) -> tuple[nn.Module, DataSplits, train.FitResult]:
+        net = build_model(self.model_name, num_classes=self.num_classes, **self.model_options)
+        return net, data, train.fit(net, data, cfg, device=self.device, options=self.options)
+
+    def fine_tuned(self, recipe: Recipe, data: DataSplits,
+                   cfg: TrainConfig) -> tuple[nn.Module, DataSplits, train.FitResult]:
+        ready = pretrained_model(self.model_name, self.num_classes, self.weights, new_head=True)
+        data = with_normalisation(data, *recipe.statistics(self.weights))
+        result = finetune(ready.model, data, cfg, strategy=recipe.strategy, device=self.device,
+                          new_modules=ready.new_modules, options=self.options)
+        return ready.model, data, result
 
 
 def transfer_experiment(
     data: DataSplits, *, model_name: str, model_options: Mapping[str, Any] | None = None,
-    pretrain_cfg: train.TrainConfig, finetune_cfg: train.TrainConfig, scratch_cfg: train.TrainConfig | None = None,
+    pretrain_cfg: TrainConfig, finetune_cfg: TrainConfig, scratch_cfg: TrainConfig | None = None,
     fractions: Sequence[float] = (0.01, 0.1),
     strategies: Sequence[str] | Mapping[float, Sequence[str]] = ("linear", "full"),
-    lrs: Mapping[str, float] | None = None, min_steps: int = 30, curves_for: float | None = None, device: Any,
-    seed: int = 0, recipes: Mapping[str, Recipe] | None = None,
+    lrs: Mapping[str, float] | None = None, min_steps: int = 30, device: str | torch.device, seed: int = 0,
+    recipes: Mapping[str, Recipe] | None = None, options: RunOptions | None = None,
 ) -> TransferResult:
     """Pretrain on some classes (:func:`transfer_classes`), then for each labels fraction fine-tune on the
     other classes with each strategy, and train from scratch on the same few labels.
@@ -211,65 +204,54 @@ def transfer_experiment(
     Every run takes at least ``min_steps`` optimiser steps (:func:`steps_config`); ``lrs`` maps a strategy
     (or ``"scratch"``) to its peak learning rate (default: ``finetune_cfg.lr`` scaled by
     :data:`resnet_lessons.finetune.STRATEGY_LR`, and ``scratch_cfg.lr`` from scratch). Accuracy is measured
-    once at the end on the target classes' test split (val when there is none). Only the runs with
-    ``curves_for`` labels (default: the largest fraction) evaluate on val after every epoch, for the curves:
-    with a handful of images an epoch is one step, and evaluating after each would cost more than the
-    training. ``strategies`` may map a fraction to its own list (for example all four strategies at 10% and
-    two at 1%). ``recipes`` names methods of their own (for example ``{"article": ARTICLE_RECIPE}``) that
-    ``strategies`` may then list beside the four strategies; ``lrs`` may override their learning rate too."""
+    once at the end on the target classes' test split (val when there is none). Only the runs with the largest
+    fraction of labels evaluate on val after every epoch, for the curves: with a handful of images an epoch is
+    one step, and evaluating after each would cost more than the training. ``strategies`` may map a fraction to
+    its own list (for example all four strategies at 10% and two at 1%). ``recipes`` names methods of their own
+    (for example ``{"article": ARTICLE_RECIPE}``) that ``strategies`` may then list beside the four strategies;
+    ``lrs`` may override their learning rate too. ``options``: every run's ``train.fit`` options."""
     import pandas as pd
 
     from .evaluate import evaluate
 
-    options = dict(model_options or {})
-    recipes = dict(recipes or {})
+    recipes, lrs = dict(recipes or {}), dict(lrs or {})
     clash = sorted(set(recipes) & {"scratch", *STRATEGY_LR})
     if clash:
         raise ValueError(f"recipe names {clash} are taken by the built-in methods; choose other names")
-    curves_for = max(fractions) if curves_for is None else curves_for
     source_classes, target_classes = transfer_classes(data.classes)
     source = select_classes(data, source_classes)
     torch.manual_seed(seed)
-    model = build_model(model_name, num_classes=len(source_classes), **options)
-    pre = train.fit(model, source, pretrain_cfg, device=device)
+    model = build_model(model_name, num_classes=len(source_classes), **dict(model_options or {}))
+    pre = train.fit(model, source, pretrain_cfg, device=device, options=options)
     weights = Weights.from_model(model, model_name, classes=source_classes, mean=source.mean, std=source.std,
-                                 model_options=options,
+                                 model_options=model_options,
                                  source=f"{model_name} pretrained on {', '.join(source_classes)}")
     pretrained_stats = batchnorm_statistics(model)
+    runs = _Runs(model_name, dict(model_options or {}), len(target_classes), weights, device, options)
     target = select_classes(data, target_classes)
     split = "test" if "test" in target.splits else "val"
     rows, histories, shifts = [], {}, {}
     for fraction in fractions:
         few = few_labels(target, fraction, seed=seed)
-        kept = {"train": few.train, **({"val": few.val} if fraction == curves_for and "val" in few.splits else {})}
-        few_run = replace(few, splits=kept)
+        curves = fraction == max(fractions) and "val" in few.splits  # evaluate after every epoch
+        few_run = replace(few, splits={"train": few.train, **({"val": few.val} if curves else {})})
         methods = strategies.get(fraction, ()) if isinstance(strategies, Mapping) else strategies
         for method in ("scratch", *methods):
             torch.manual_seed(seed)
-            base = (scratch_cfg or finetune_cfg) if method == "scratch" else finetune_cfg
-            recipe = recipes.get(method)
-            strategy = recipe.strategy if recipe is not None else method
-            if recipe is not None:
-                base = replace(base, **recipe.changes)
+            recipe = None if method == "scratch" else recipes.get(method) or Recipe(method)
+            base = recipe.config(finetune_cfg) if recipe is not None else scratch_cfg or finetune_cfg
             cfg = steps_config(base, len(few.train), min_steps)
-            own_lr = recipe is not None and "lr" in recipe.changes
-            lr = (lrs or {}).get(method, base.lr if own_lr else base.lr * (STRATEGY_LR.get(strategy, 1.0)))
-            cfg = replace(cfg, lr=lr)
-            if method == "scratch":
-                net, run = build_model(model_name, num_classes=len(target_classes), **options), few_run
-                result = train.fit(net, run, cfg, device=device)
+            cfg = replace(cfg, lr=lrs[method]) if method in lrs else cfg
+            if recipe is None:
+                net, run, result = runs.from_scratch(few_run, cfg)
             else:
-                ready = pretrained_model(model_name, len(target_classes), weights, new_head=True)
-                mean, std = ((recipe.mean, recipe.std) if recipe is not None and recipe.mean is not None
-                             else (weights.mean, weights.std))
-                net, run = ready.model, with_normalisation(few_run, mean, std)
-                result = finetune(net, run, cfg, strategy=strategy, device=device, new_modules=ready.new_modules)
+                net, run, result = runs.fine_tuned(recipe, few_run, cfg)
                 shifts[(fraction, method)] = batchnorm_shift(pretrained_stats, batchnorm_statistics(net))
             scores = evaluate(net, target[split].images, target[split].labels, classes=target.classes,
                               mean=run.mean, std=run.std, device=device)
             histories[(fraction, method)] = result.history
             rows.append({"labels": f"{fraction:.0%}", "per class": len(few.train) // len(target_classes),
-                         "method": method, f"{split} accuracy": scores.accuracy, "lr": lr, "steps": result.steps,
+                         "method": method, f"{split} accuracy": scores.accuracy, "lr": cfg.lr, "steps": result.steps,
                          "seconds": result.seconds})
     return TransferResult(pd.DataFrame(rows), histories, shifts, weights, pre.history)
 
@@ -283,11 +265,7 @@ __all__ = [
     "TransferResult",
     "batchnorm_shift",
     "batchnorm_statistics",
-    "few_labels",
     "input_handling_costs",
-    "resize",
-    "resize_images",
-    "select_classes",
     "steps_config",
     "transfer_classes",
     "transfer_experiment",

@@ -7,10 +7,16 @@ controls are linked in the browser (``jslink``), so the saved widget state alone
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import Augment
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
@@ -38,9 +44,15 @@ def figure_stack(figures: Mapping[str, Figure], description: str = "show", dpi: 
     return widgets.VBox([slider, stack])
 
 
-def augmentation_explorer(images, augment=None, copies: int = 6, seed: int = 0, row_labels=None) -> widgets.VBox:  # type: ignore[no-untyped-def]
-    """A slider over augmentation strengths: for each setting, the images beside ``copies`` augmented
-    draws (the training code path, :func:`resnet_lessons.data.preview`). Static-HTML friendly.
+def augmentation_explorer(
+    images: torch.Tensor,
+    augment: Mapping[str, Augment] | None = None,
+    copies: int = 6,
+    seed: int = 0,
+    row_labels: Sequence[str] | None = None,
+) -> widgets.VBox:
+    """A slider over augmentation strengths: for each setting, uint8 ``images [N, 3, H, W]`` beside ``copies``
+    augmented draws (the training code path, :func:`resnet_lessons.data.preview`). Static-HTML friendly.
 
     ``augment`` maps a label to an :class:`~resnet_lessons.data.Augment`; by default none, crop, crop +
     flip, crop + flip + Cutout.

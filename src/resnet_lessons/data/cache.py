@@ -1,4 +1,7 @@
-"""The decoded-image cache: one uint8 ``.npy`` array and a ``.json`` description per source and size.
+"""The decoded-image cache: one uint8 ``.npy`` array and its ``.json`` metadata per source and size.
+
+It stores and returns arrays and plain metadata; what the metadata means (a folder's listing, its unreadable
+files) is :mod:`.folders`' business, which also rebuilds its listing from it.
 
 The key is the source's content: a digest of a zip's central directory (every name, size and CRC-32) or
 of a folder's listing (names, sizes, modification times). A cached zip is recognised from its central
@@ -13,15 +16,13 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from .._files import atomic_write, remove_stale_temporaries
-
-if TYPE_CHECKING:
-    from .folders import Listing
 
 CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are not reused
 STALE_SECONDS = 3600.0  # a temporary this old in the cache was left by a killed process
@@ -59,8 +60,9 @@ def cache_paths(cache_dir: Path, key: str, size: int) -> tuple[Path, Path]:
     return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
 
-def read_cache(cache_dir: Path, key: str, size: int) -> tuple[np.ndarray, dict] | None:
-    """The decoded array and its description (listing, unreadable files) if ``key`` was cached."""
+def read_cache(cache_dir: Path, key: str, size: int) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The array and the metadata stored under ``key`` and ``size``, or None when there are none (or they do not
+    match: one image per entry of the metadata's ``names``)."""
     array_path, meta_path = cache_paths(cache_dir, key, size)
     try:
         meta = json.loads(meta_path.read_text())
@@ -72,32 +74,20 @@ def read_cache(cache_dir: Path, key: str, size: int) -> tuple[np.ndarray, dict] 
     return images, meta
 
 
-def load_cached(path: Path, cache_dir: Path, size: int) -> tuple[Listing, np.ndarray, dict] | None:
-    """A cached zip, recognised by its central directory alone (no listing, no decoding); else None."""
+def read_cached_zip(path: Path, cache_dir: Path, size: int) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """A cached zip's array and metadata, recognised by its central directory alone (no listing, no decoding)."""
     key = zip_directory_digest(path) if path.is_file() else None
-    cached = read_cache(cache_dir, key, size) if key else None
-    if cached is None:
-        return None
-    images, meta = cached
-    from .folders import Listing
-
-    listing = Listing(path=path, is_zip=True, splits=tuple(meta["splits"]), classes=tuple(meta["classes"]),
-                      names=tuple(meta["names"]), split_of=tuple(meta["split_of"]),
-                      label_of=tuple(meta["label_of"]), key=key)
-    return listing, images, meta
+    return read_cache(cache_dir, key, size) if key else None
 
 
-def write_cache(cache_dir: Path, listing: Listing, size: int, images: np.ndarray, bad: list) -> None:
-    """Atomically write the decoded array and its description; a cache that cannot be written is skipped."""
-    array_path, meta_path = cache_paths(cache_dir, listing.key, size)
-    meta = {"key": listing.key, "source": str(listing.path), "image_size": size,
-            "bad": [[listing.names[i], reason] for i, reason in bad], "splits": listing.splits,
-            "classes": listing.classes, "names": listing.names, "split_of": listing.split_of,
-            "label_of": listing.label_of}
+def write_cache(cache_dir: Path, key: str, size: int, images: np.ndarray, meta: Mapping[str, Any]) -> None:
+    """Atomically write the array and its metadata (JSON: ``names``, one per image, and what the caller keeps
+    beside them) under ``key`` and ``size``; a cache that cannot be written is skipped with a warning."""
+    array_path, meta_path = cache_paths(cache_dir, key, size)
     try:
         array_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(array_path.parent, older_than=STALE_SECONDS)  # cache files only live here
         atomic_write(array_path, lambda stream: np.save(stream, images), what="cache file")
-        atomic_write(meta_path, json.dumps(meta), what="cache file")
+        atomic_write(meta_path, json.dumps({"key": key, "image_size": size, **meta}), what="cache file")
     except OSError as error:
         warnings.warn(f"could not write the image cache in {array_path.parent}: {error}", stacklevel=2)

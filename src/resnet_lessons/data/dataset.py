@@ -64,8 +64,8 @@ class DataSplits:
 
     source: str
     splits: dict[str, ImageSet]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     notes: tuple[str, ...] = field(default=())  # what a reader must know (e.g. "JPEG copy of CIFAR-10")
 
     @property
@@ -99,18 +99,21 @@ def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float,
     total, total_sq = np.zeros(3), np.zeros(3)
     flat = images.reshape(n, 3, pixels)
     for start in range(0, n, chunk):
-        if images.device.type == "cpu":
-            x = flat[start : start + chunk].numpy().astype(np.float32)
-            sq = np.einsum("ncp,ncp->nc", x, x)
-        else:
-            x = flat[start : start + chunk].float()
-            sq = (x * x).sum(dim=-1).double().cpu().numpy()
-            x = x.sum(dim=-1, keepdim=True).double().cpu().numpy()
-        total += x.sum(axis=-1).sum(axis=0, dtype=np.float64)
-        total_sq += sq.sum(axis=0, dtype=np.float64)
+        sums, squares = _pixel_sums(flat[start : start + chunk])
+        total += sums.sum(axis=0, dtype=np.float64)
+        total_sq += squares.sum(axis=0, dtype=np.float64)
     mean = total / (n * pixels)
     var = np.maximum(total_sq / (n * pixels) - mean * mean, 0.0)
     return tuple((mean / 255.0).tolist()), tuple((np.sqrt(var) / 255.0).tolist())
+
+
+def _pixel_sums(block: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and channel of uint8 ``[n, 3, pixels]``: the sum of the values and of their squares (float32)."""
+    if block.device.type == "cpu":
+        x = block.numpy().astype(np.float32)
+        return x.sum(axis=-1), np.einsum("ncp,ncp->nc", x, x)
+    y = block.float()
+    return y.sum(dim=-1).double().cpu().numpy(), (y * y).sum(dim=-1).double().cpu().numpy()
 
 
 def _first_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Image folders and zips: ``<split>/<class>/<image>`` or ``<class>/<image>``, decoded once, then cached.
 
-The source is listed and checked first (layout, classes, unsafe names), then decoded once, in worker
-processes when there are many images; :mod:`.cache` keeps the result. Nothing is written next to the source.
+The source is listed and checked first (:func:`scan`: layout, classes, unsafe names), then decoded once, in
+worker processes when there are many images (:func:`decode`). :func:`read` does both, or takes the images and
+the listing from :mod:`.cache` when it has them. Nothing is written next to the source.
 
 Symbolic links in a folder are followed only when they resolve inside the folder (a class folder linked
 from elsewhere inside it, an image linked twice). A link to a file outside, a dangling link and anything
@@ -20,9 +21,11 @@ import stat
 import sys
 import warnings
 import zipfile
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -56,6 +59,18 @@ class Listing:
     split_of: tuple[int, ...]  # index into ``splits`` per entry
     label_of: tuple[int, ...]
     key: str  # digest of the content's listing (names, sizes, CRCs or mtimes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The listing as plain data, as the cache stores it beside the images (with ``key``)."""
+        return {"source": str(self.path), "splits": self.splits, "classes": self.classes, "names": self.names,
+                "split_of": self.split_of, "label_of": self.label_of}
+
+    @classmethod
+    def from_dict(cls, path: Path, meta: Mapping[str, Any]) -> Listing:
+        """The listing of ``path`` from the metadata the cache returned (:meth:`as_dict` and the ``key``)."""
+        return cls(path=path, is_zip=path.is_file(), splits=tuple(meta["splits"]), classes=tuple(meta["classes"]),
+                   names=tuple(meta["names"]), split_of=tuple(meta["split_of"]), label_of=tuple(meta["label_of"]),
+                   key=str(meta["key"]))
 
 
 def _safe_parts(name: str, source: Path) -> tuple[str, ...]:
@@ -133,7 +148,7 @@ def _walk_folder(root: Path) -> Walk:
     return files, dirs
 
 
-def _damaged_zip(path: Path, error: Exception) -> DataError:
+def _damaged_zip(path: Path, error: Exception | str) -> DataError:
     return DataError(f"{path} is a damaged or truncated zip archive ({error}); copy or download it again")
 
 
@@ -145,7 +160,8 @@ def _walk_zip(path: Path) -> Walk:
         raise _damaged_zip(path, error) from error
     except OSError as error:
         raise DataError(f"cannot read {path} as a zip archive: {error.strerror or error}") from error
-    files, dirs = [], set()
+    files: list[tuple[tuple[str, ...], str]] = []
+    dirs: set[tuple[str, ...]] = set()
     for info in infos:
         parts = _safe_parts(info.filename, path)
         if not parts or parts[0] in IGNORED or any(p.startswith(".") for p in parts):
@@ -287,12 +303,15 @@ def _read_file(root: Path, real_root: Path, name: str) -> bytes:
 def _decode_chunk(job: tuple[str, bool, list[str], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode some images to ``[n, size, size, 3]`` uint8; failures come back as (index, reason)."""
     root, is_zip, names, size = job
+    archive = _archive
+    if is_zip and archive is None:
+        raise RuntimeError("a zip's images are decoded after _open_worker has opened it")
     real_root = Path(root).resolve()
     out = np.zeros((len(names), size, size, 3), dtype=np.uint8)
     bad = []
     for i, name in enumerate(names):
         try:
-            data = _read_member(_archive, name) if is_zip else _read_file(Path(root), real_root, name)
+            data = _read_member(archive, name) if archive is not None else _read_file(Path(root), real_root, name)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 out[i] = np.asarray(fit_image(to_rgb(image), size))
@@ -332,3 +351,23 @@ def decode(listing: Listing, size: int, workers: int | None = None) -> tuple[np.
     images = np.concatenate([r[0] for r in results]).transpose(0, 3, 1, 2)
     bad = [(k * chunk + i, reason) for k, r in enumerate(results) for i, reason in r[1]]
     return np.ascontiguousarray(images), bad
+
+
+def _unreadable(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(str(name), str(reason)) for name, reason in meta["bad"]]
+
+
+def read(path: Path, size: int, cache_dir: Path) -> tuple[Listing, np.ndarray, list[tuple[str, str]]]:
+    """The listing of a folder or zip, its images as uint8 ``[N, 3, size, size]`` and (name, reason) per
+    unreadable image: from the cache when it has them, else decoded once and cached."""
+    hit = cache.read_cached_zip(path, cache_dir, size)  # a known zip: no listing, no decoding
+    if hit is not None:
+        return Listing.from_dict(path, hit[1]), hit[0], _unreadable(hit[1])
+    listing = scan(path)
+    hit = cache.read_cache(cache_dir, listing.key, size)
+    if hit is not None:
+        return listing, hit[0], _unreadable(hit[1])
+    images, bad = decode(listing, size)
+    unreadable = [(listing.names[i], reason) for i, reason in bad]
+    cache.write_cache(cache_dir, listing.key, size, images, {**listing.as_dict(), "bad": unreadable})
+    return listing, images, unreadable

@@ -1,6 +1,7 @@
 """Image tensors: uint8 ``[N, 3, H, W]`` (0-255) is how every split is stored; these turn them into what a
-model reads (:func:`normalise`), change their size (:func:`resize`), and read one image file as RGB
-(:func:`read_image`, with :func:`to_rgb` and :func:`fit_image`, which the folder decoder shares)."""
+model reads (:func:`normalise`, whose multiply-add :func:`scale_and_shift` gives), change their size
+(:func:`resize`), and read one image file as RGB (:func:`read_image`, with :func:`to_rgb` and
+:func:`fit_image`, which the folder decoder shares)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 
+def scale_and_shift(mean: Sequence[float], std: Sequence[float],
+                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[1, C, 1, 1]`` tensors with ``x_uint8 * scale + shift == (x_uint8 / 255 - mean) / std``.
+
+    One multiply-add instead of a division, a subtraction and a division per pixel; :func:`normalise` and
+    :class:`~resnet_lessons.data.DeviceLoader` (which keeps them for every batch) both take them from here."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
+
+
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 ``[N, 3, H, W]`` (0-255) to float32, scaled to 0-1 and standardised per channel:
     ``(x / 255 - mean) / std``, computed as one multiply-add on the device the images are on."""
-    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1))
-    shift = -torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale * 255.0
+    scale, shift = scale_and_shift(mean, std, images.device)
     return images.to(torch.float32, memory_format=memory_format).mul_(scale).add_(shift)
 
 
@@ -71,4 +82,4 @@ def read_image(source: str | os.PathLike | bytes, size: int | None = None) -> to
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-__all__ = ["fit_image", "normalise", "read_image", "resize", "to_rgb"]
+__all__ = ["fit_image", "normalise", "read_image", "resize", "scale_and_shift", "to_rgb"]

@@ -10,11 +10,18 @@ seeded generator, so the same seed gives the same batches on any device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from .dataset import ImageSet
+from .images import scale_and_shift
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -129,10 +136,7 @@ class DeviceLoader:
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)  # x_norm = x_uint8 * scale + shift
-        self._shift = -mean_t / std_t
+        self._scale, self._shift = scale_and_shift(mean, std, self.device)  # made once: x * scale + shift
         n = images.shape[0]
         self.shard_size = n // world_size if train else math.ceil(n / world_size)
         self.epoch = 0
@@ -176,6 +180,8 @@ class DeviceLoader:
         if draws is None:
             x = self.images[rows]
         else:
+            if self._source is None:
+                raise ValueError("random draws apply to a training loader (train=True) only")
             draws = draws.to(self.device)
             x = crop_flip(self._source, rows, draws, self.augment.crop_padding)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -225,7 +231,8 @@ class _Cutout:
 class PILImages(torch.utils.data.Dataset):
     """uint8 images as PIL images through ``transform``: the ``torchvision.datasets`` way."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.images = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy())  # [N, H, W, 3]
         self.labels = labels.cpu().tolist()
         self.transform = transform
@@ -239,8 +246,8 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def torchvision_transform(mean: Sequence[float], std: Sequence[float], train: bool,
-                          augment: Augment = Augment(), image_size: tuple[int, int] = (32, 32)):
+def torchvision_transform(mean: Sequence[float], std: Sequence[float], train: bool, augment: Augment = Augment(),
+                          image_size: tuple[int, int] = (32, 32)) -> Callable[[Image.Image], torch.Tensor]:
     """The same augmentation as :class:`DeviceLoader`, written as torchvision transforms on PIL images."""
     from torchvision import transforms as T
 
@@ -255,8 +262,9 @@ def torchvision_transform(mean: Sequence[float], std: Sequence[float], train: bo
     return T.Compose(steps)
 
 
-def torchvision_loader(imageset, batch_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                       num_workers: int = 0, augment: Augment = Augment(), seed: int = 0):
+def torchvision_loader(imageset: ImageSet, batch_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+                       num_workers: int = 0, augment: Augment = Augment(),
+                       seed: int = 0) -> torch.utils.data.DataLoader:
     """A ``torch.utils.data.DataLoader`` over ``imageset`` with PIL transforms (the article's pipeline)."""
     transform = torchvision_transform(mean, std, train, augment, imageset.image_size)
     return torch.utils.data.DataLoader(
@@ -283,6 +291,7 @@ def preview(images: torch.Tensor, augment: Augment = Augment(), copies: int = 4,
     for copy in range(copies):
         loader.set_epoch(copy)
         (rows, draws), = loader.plan()
+        assert draws is not None  # a training loader draws for every batch
         x, _ = loader.batch(rows.sort().values, _in_order(draws, rows))
         out.append(x.round().clamp(0, 255).to(torch.uint8))
     return torch.stack(out)

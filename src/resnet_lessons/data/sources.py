@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import cache, folders
+from . import folders
 from .dataset import (
     DataError,
     DataSplits,
@@ -28,13 +27,14 @@ from .dataset import (
     stratified_split,
     take_per_class,
 )
+from .images import resize
 from .synthetic import make_synthetic
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 DOWNLOAD_TIMEOUT_S = 30.0  # seconds a stalled connection may stay silent before the download gives up
-SPLIT_ORDER = ("train", "val", "test", "holdout")
+SPLIT_ORDER = ("train", "val", "test")
 
 
 def default_cache_dir() -> Path:
@@ -43,8 +43,9 @@ def default_cache_dir() -> Path:
 
 
 @contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    """Give every socket opened inside the block a timeout, so a hung host cannot hang a load."""
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """Give every socket opened inside the block a timeout of ``seconds``, so a hung host cannot hang a
+    download (CIFAR-10 here, ImageNet weights in :mod:`resnet_lessons.weights`); the old default comes back after."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:
@@ -74,7 +75,7 @@ def _fetch_cifar10(root: Path, download: bool, timeout: float = DOWNLOAD_TIMEOUT
         unpacked = (root / CIFAR10.base_folder).is_dir()
         if not unpacked and archive.is_file() and check_integrity(str(archive), CIFAR10.tgz_md5):
             extract_archive(str(archive), str(root))  # placed by hand: no network needed
-        with _socket_timeout(timeout):
+        with socket_timeout(timeout):
             train = CIFAR10(str(root), train=True, download=download)
             test = CIFAR10(str(root), train=False, download=False)
     except TimeoutError as error:
@@ -87,24 +88,12 @@ def _fetch_cifar10(root: Path, download: bool, timeout: float = DOWNLOAD_TIMEOUT
     return train, test
 
 
-def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
-    """uint8 ``[N, 3, h, w]`` to ``[N, 3, size, size]`` (bilinear, antialiased when shrinking)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    parts = []
-    for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        parts.append(x.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(parts)
-
-
 def _cifar10(cache_dir: Path, image_size: int, download: bool,
              timeout: float = DOWNLOAD_TIMEOUT_S) -> tuple[dict[str, ImageSet], list[str]]:
     train, test = _fetch_cifar10(cache_dir / "cifar10", download, timeout)
     splits = {}
     for name, ds in (("train", train), ("test", test)):
-        images = _resize(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), image_size)
+        images = resize(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), image_size)
         splits[name] = ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64), tuple(ds.classes))
     return splits, ["official CIFAR-10 (Krizhevsky 2009): train 50,000, test 10,000; val is carved from train"]
 
@@ -120,17 +109,7 @@ def _synthetic(per_class: int, image_size: int, seed: int) -> tuple[dict[str, Im
 
 
 def _folder(path: Path, image_size: int, cache_dir: Path, skip_bad: bool) -> tuple[dict[str, ImageSet], list[str]]:
-    hit = cache.load_cached(path, cache_dir, image_size)  # a known zip: no listing, no decoding
-    if hit is None:
-        listing = folders.scan(path)
-        cached = cache.read_cache(cache_dir, listing.key, image_size)
-        if cached is None:
-            array, bad = folders.decode(listing, image_size)
-            cache.write_cache(cache_dir, listing, image_size, array, bad)
-            cached = array, {"bad": [(listing.names[i], reason) for i, reason in bad]}
-        hit = (listing, *cached)
-    listing, array, meta = hit
-    bad_names = [tuple(item) for item in meta["bad"]]
+    listing, array, bad_names = folders.read(path, image_size, cache_dir)
     keep = np.ones(len(listing.names), dtype=bool)
     if bad_names:
         where = "zip" if listing.is_zip else "folder"
@@ -178,7 +157,7 @@ def _shuffled(split: ImageSet, seed: int) -> ImageSet:
 
 def _is_cifar10_jpeg(splits: dict[str, ImageSet]) -> bool:
     train = splits.get("train")
-    return (set(splits) == {"train"} and train.classes == CIFAR10_CLASSES and len(train) == 50_000
+    return (train is not None and set(splits) == {"train"} and train.classes == CIFAR10_CLASSES and len(train) == 50_000
             and train.image_size == (32, 32))
 
 
