@@ -82,6 +82,47 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
             "min": min(values) if values else None, "max": max(values) if values else None, "values": values}
 
 
+def _rate(work: Any, flops: float, device: torch.device, min_seconds: float) -> float:
+    """GFLOP/s of ``work()`` (``flops`` each call): one warm-up call, then calls until ``min_seconds`` pass."""
+    import time
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        work()
+        sync()
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < min_seconds:
+            work()
+            calls += 1
+        sync()
+        return calls * flops / (time.perf_counter() - start) / 1e9
+
+
+def machine_peaks(device: torch.device | str = "cpu", min_seconds: float = 1.0) -> dict[str, float]:
+    """What this machine computes at best, in GFLOP/s (a multiply-add is 2 FLOPs), to set a recipe's speed
+    beside: a 3x3 convolution of 128 to 128 channels on a batch of 64 16x16 images (the shape of ResNet-9's
+    middle, channels_last) and a 2048 x 2048 matrix product, each in fp32 and in bf16. bf16 runs where the
+    device computes it natively (AVX512-BF16/AMX on a CPU; any recent GPU)."""
+    from resnet_lessons import runtime
+
+    device = torch.device(device)
+    peaks = {}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        if dtype == torch.bfloat16 and not runtime.native_bf16(device):
+            continue
+        x = torch.randn(64, 128, 16, 16, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        w = torch.randn(128, 128, 3, 3, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        conv_flops = 2.0 * 64 * 16 * 16 * 128 * 128 * 9
+        peaks[f"conv3x3_{name}_gflops"] = _rate(lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1),
+                                                conv_flops, device, min_seconds)
+        a = torch.randn(2048, 2048, device=device, dtype=dtype)
+        peaks[f"matmul_{name}_gflops"] = _rate(lambda a=a: a @ a, 2.0 * 2048**3, device, min_seconds)
+    return peaks
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -191,8 +191,11 @@ def main(argv=None) -> int:
             row.update(run_isolated(row["config"]))
         rate = row.get("images_per_s")
         print(f"  {row['id']:<52} " + (f"{rate:10,.0f} images/s" if rate else row.get("error", "")), flush=True)
+    peaks = common.machine_peaks(device, min_seconds=0.2 if args.smoke else 1.0)
     by_id = {row["id"]: row for row in rows}
     for row in rows:
+        peak = peaks.get(f"conv3x3_{row['config']['precision']}_gflops")  # fp16 rows: no measured peak
+        row["of_conv_peak"] = row["gflops_per_s"] / peak if row.get("gflops_per_s") and peak else None
         base = by_id.get(row["compare_to"], {}).get("images_per_s")
         row["speedup"] = row["images_per_s"] / base if row.get("images_per_s") and base else None
         row.update(model=row["config"]["model"], batch_size=row["config"]["batch_size"])
@@ -201,7 +204,9 @@ def main(argv=None) -> int:
     common.print_table(rows, [("id", "configuration", ""), ("images_per_s", "images/s", ",.0f"),
                               ("speedup", "x base", ".2f"), ("step_ms", "step ms", ".1f"),
                               ("warmup_s", "warm-up s", ".1f"), ("peak_memory_mib", "peak MiB", ",.0f"),
-                              ("gflops_per_s", "GFLOP/s", ",.1f")])
+                              ("gflops_per_s", "GFLOP/s", ",.1f"), ("of_conv_peak", "of conv peak", ".0%")])
+    print("machine peaks (GFLOP/s; a 3x3 convolution of ResNet-9's middle, a 2048^2 matrix product): "
+          + ", ".join(f"{k.removesuffix('_gflops')} {v:,.0f}" for k, v in peaks.items()))
     failed = [row["id"] for row in rows if row["status"] != "ok"]
     result = {
         "benchmark": "throughput",
@@ -213,6 +218,7 @@ def main(argv=None) -> int:
                      "memory": "cuda max_memory_allocated" if cuda else "process peak RSS (getrusage)",
                      "images": "random uint8 32x32 (throughput does not depend on the pixels)"},
         "results": rows,
+        "machine_peaks_gflops": peaks,  # of_conv_peak: a row's GFLOP/s over the conv peak of its precision
         "failed": failed,
         "seconds": round(time.perf_counter() - started, 1),
         **common.record(__file__, argv),

@@ -1,6 +1,6 @@
 """Validation accuracy within a wall-clock budget: the book's CPU recipe beside the article's recipe.
 
-    .venv/bin/python bench/time_to_accuracy.py [--budgets 120 180 300 600] [--recipes cpu article]
+    .venv/bin/python bench/time_to_accuracy.py [--budgets 120 180 300 600] [--recipes cpu article] [--seeds N]
                                                [--data ../shared/data/cifar10-train-jpeg.zip] [--threads N]
 
 Both recipes train on the same images (the JPEG copy of CIFAR-10's training split, 45,000 for training
@@ -19,8 +19,13 @@ scored on the same validation images.
   ``model.eval()`` mode (the article's other bug).
 
 Goal (issue 5): >= 85% at 600 s, and the article's 600 s accuracy reached by the CPU recipe within 180 s.
-Writes ``bench/results/time_to_accuracy.json``: ``results`` (a list of {"recipe", "budget_s",
-"val_accuracy", "images_seen", ...}), the CPU recipe, hardware, versions and date.
+``--seeds N`` trains each recipe at each budget N times (training seeds; the data split stays seed ``--seed``);
+``summary.spread`` gives the mean, standard deviation, min and max per recipe and budget. Beside the speed of
+each ``cpu`` run (``achieved_gflops``: 3 x the forward FLOPs of ``count_flops`` per image seen, over the run's
+seconds, validation included) stand the machine's measured peaks (``machine_peaks_gflops``: bf16 and fp32 3x3
+convolution and matrix product, ``common.machine_peaks``) and the run's fraction of each.
+Writes ``bench/results/time_to_accuracy.json``: ``results`` (a list of {"recipe", "budget_s", "seed",
+"val_accuracy", "images_seen", ...}), the summary, the CPU recipe, hardware, versions and date.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torchvision
 from resnet_lessons import runtime
 from resnet_lessons.data import Augment, torchvision_loader
 from resnet_lessons.evaluate import evaluate
-from resnet_lessons.models import build_model
+from resnet_lessons.models import build_model, count_flops
 from resnet_lessons.train import RunOptions, fit, replace, resolve_precision
 
 SHARED_ZIP = common.SHARED_ZIP
@@ -109,7 +114,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(SHARED_ZIP), help="the image source (default: the shared JPEG zip)")
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the data split's seed, and the first training seed")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train each recipe at each budget with seeds --seed .. --seed+N-1 (same data split); "
+                             "the summary gives the mean and spread")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=JSON",
                         help="probe a variant of the CPU recipe: TrainConfig fields with JSON values, e.g. "
                              "model='\"resnet20\"' model_options='{}' (write to another --out)")
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.budgets):
         parser.error("every budget must be more than 0 seconds")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     changes = {}
     for item in args.set:
         field, equals, value = item.partition("=")
@@ -132,26 +142,37 @@ def main(argv=None) -> int:
     threads = runtime.cpu_threads(args.threads)
     data = common.load_data(args.data, val_per_class=args.val_per_class, seed=args.seed, threads=threads)
     load_average_start = os.getloadavg()
+    peaks = common.machine_peaks("cpu")  # what this machine computes at best, beside what the recipe achieves
+    network = build_model(cpu_recipe.model, num_classes=len(data.classes), **cpu_recipe.model_options)
+    forward_flops = count_flops(network)  # one image's forward pass; training costs about 3 times that
     results = []
     for budget in args.budgets:
         for name in args.recipes:
             run = partial(run_cpu_recipe, recipe=cpu_recipe) if name == "cpu" else run_article_recipe
-            row = {"recipe": name, "budget_s": budget, **run(data, budget, args.seed)}
-            results.append(row)
-            print(f"{name:8s} {budget:6.0f} s  val accuracy {row['val_accuracy']:.4f}  "
-                  f"images {row['images_seen']:9,d} ({row['epochs']:.1f} epochs, {row['seconds']:.0f} s)",
-                  flush=True)
+            for seed in range(args.seed, args.seed + args.seeds):
+                row = {"recipe": name, "budget_s": budget, "seed": seed, **run(data, budget, seed)}
+                if name == "cpu":  # training FLOPs (3 x forward) over the whole run's seconds, validation included
+                    row["achieved_gflops"] = 3 * forward_flops * row["images_seen"] / row["seconds"] / 1e9
+                    for key, peak in peaks.items():
+                        row[f"of_{key.removesuffix('_gflops')}_peak"] = row["achieved_gflops"] / peak
+                results.append(row)
+                print(f"{name:8s} {budget:6.0f} s  seed {seed}  val accuracy {row['val_accuracy']:.4f}  "
+                      f"images {row['images_seen']:9,d} ({row['epochs']:.1f} epochs, {row['seconds']:.0f} s)",
+                      flush=True)
 
-    summary = {}
-    article = {r["budget_s"]: r["val_accuracy"] for r in results if r["recipe"] == "article"}
+    summary: dict = {"spread": [
+        {"recipe": name, "budget_s": budget, **common.spread(
+            [r["val_accuracy"] for r in results if r["recipe"] == name and r["budget_s"] == budget])}
+        for budget in args.budgets for name in args.recipes]}
+    means = {(s["recipe"], s["budget_s"]): s["mean"] for s in summary["spread"]}
+    article = {budget: mean for (name, budget), mean in means.items() if name == "article"}
     cpu = [r for r in results if r["recipe"] == "cpu"]
     if 600 in article:
         crossings = [p["elapsed"] for r in cpu for p in r["curve"] if p["val_accuracy"] >= article[600]]
         summary["article_600s_accuracy"] = article[600]
         summary["cpu_seconds_to_article_600s_accuracy"] = min(crossings) if crossings else None
-    for r in cpu:
-        if r["budget_s"] == 600:
-            summary["cpu_600s_accuracy"] = r["val_accuracy"]
+    if ("cpu", 600) in means:
+        summary["cpu_600s_accuracy"] = means[("cpu", 600)]  # the mean over the seeds
     summary["goal"] = "cpu_600s_accuracy >= 0.85 and cpu_seconds_to_article_600s_accuracy <= 180"
     if "cpu_600s_accuracy" in summary and "article_600s_accuracy" in summary:
         reached = summary["cpu_seconds_to_article_600s_accuracy"]
@@ -166,15 +187,23 @@ def main(argv=None) -> int:
         "results": results,
         "summary": summary,
         "cpu_recipe": json.loads(json.dumps(asdict(cpu_recipe))),
+        "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "machine_peaks_gflops": peaks,
+        "forward_gflops_per_image": forward_flops / 1e9,
         "cpu_recipe_changes": args.set,  # empty: the cpu profile's recipe as it is
         "cpu_recipe_precision": resolve_precision(cpu_recipe.precision, torch.device("cpu")),
         **common.record(__file__, argv),  # hardware, versions, date, command
     }
     report["hardware"].update(common.cpu_load(threads, load_average_start))
     out = common.write_json(args.out, report)
-    print(f"\n{'recipe':8s} {'budget':>7s} {'val acc':>8s} {'images':>10s}   ({LABEL})")
-    for r in results:
-        print(f"{r['recipe']:8s} {r['budget_s']:6.0f}s {r['val_accuracy']:8.4f} {r['images_seen']:10,d}")
+    print(f"\n{'recipe':8s} {'budget':>7s} {'seeds':>5s} {'mean':>7s} {'min-max':>15s}   ({LABEL})")
+    for s in summary["spread"]:
+        print(f"{s['recipe']:8s} {s['budget_s']:6.0f}s {len(s['values']):5d} {s['mean']:7.4f} "
+              f"{s['min']:7.4f}-{s['max']:.4f}")
+    achieved = [r["achieved_gflops"] for r in cpu]
+    if achieved:
+        print(f"cpu recipe: {common.spread(achieved)['mean']:.0f} GFLOP/s achieved; machine peaks (GFLOP/s): "
+              + ", ".join(f"{k.removesuffix('_gflops')} {v:.0f}" for k, v in peaks.items()))
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return 0

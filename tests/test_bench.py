@@ -48,6 +48,10 @@ def test_throughput_smoke(tmp_path):
         assert row["images_per_s"] > 0 and row["peak_memory_mib"] > 0 and row["speedup"] > 0
     assert rows["resnet8/feature/baseline"]["speedup"] == 1.0
     assert "images/s" in printed and "resnet8/feature/bf16" in printed
+    peaks = result["machine_peaks_gflops"]
+    baseline = rows["resnet8/feature/baseline"]  # fp32: set beside the fp32 convolution's measured rate
+    assert baseline["of_conv_peak"] == pytest.approx(baseline["gflops_per_s"] / peaks["conv3x3_fp32_gflops"])
+    assert "machine peaks" in printed
 
 
 @pytest.mark.slow
@@ -97,6 +101,29 @@ def test_time_to_accuracy_small(tmp_path):
     check_record(result, "time_to_accuracy.py")
     assert {r["recipe"] for r in result["results"]} == {"cpu", "article"}
     assert all(0 <= r["val_accuracy"] <= 1 for r in result["results"])
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_gives_the_spread_over_seeds_and_the_fraction_of_the_machine_peak(tmp_path):
+    import statistics
+
+    out = tmp_path / "tta.json"
+    run_bench("time_to_accuracy.py", "--data", "synthetic", "--budgets", "2", "--val-per-class", "10",
+              "--recipes", "cpu", "--seeds", "2", "--seed", "3", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert result["seeds"] == [3, 4] and [r["seed"] for r in rows] == [3, 4]
+    (spread,) = result["summary"]["spread"]
+    accuracies = [r["val_accuracy"] for r in rows]
+    assert spread["mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert spread["std"] == pytest.approx(statistics.stdev(accuracies))
+    assert (spread["min"], spread["max"]) == (min(accuracies), max(accuracies))
+    peaks = result["machine_peaks_gflops"]
+    assert peaks["conv3x3_fp32_gflops"] > 0 and peaks["matmul_fp32_gflops"] > 0
+    for r in rows:  # 3 x forward FLOPs per image seen, over the run's seconds
+        expected = 3 * result["forward_gflops_per_image"] * r["images_seen"] / r["seconds"]
+        assert r["achieved_gflops"] == pytest.approx(expected)
+        assert r["of_conv3x3_fp32_peak"] == pytest.approx(expected / peaks["conv3x3_fp32_gflops"])
 
 
 @pytest.mark.slow

@@ -1,14 +1,16 @@
 """The one training loop: :func:`fit` trains any model on any :class:`DataSplits` with a :class:`TrainConfig`.
 
-Everything a run needs is in the config (read it top to bottom in :mod:`resnet_lessons.optim`: it is the
-recipe; ``TrainConfig`` and ``config_from_profile`` are importable from here too). The loop is
-plain: for each epoch, for each batch, set the learning rate from the schedule, forward, loss,
-backward, clip, step; then evaluate on the validation split, record a history row, call the hooks,
-maybe stop early, write a checkpoint. Three things make it trustworthy:
+What the weights become is decided by the recipe, a :class:`TrainConfig` (read it top to bottom in
+:mod:`resnet_lessons.optim`); how the run is watched, stopped and kept by its :class:`RunOptions`. The loop is
+plain: for each epoch (:func:`_train_epoch`), for each batch, set the learning rate from the schedule and take
+one :func:`train_step` (forward, loss, backward, clip, update); then (:func:`_end_epoch`) evaluate on the
+validation split, record a history row, call the hooks (early stopping among them, :mod:`resnet_lessons.hooks`),
+write a checkpoint. Its parts are set up by :mod:`resnet_lessons.run`. Three things make it trustworthy:
 
 * the schedule is a pure function of the step (:func:`resnet_lessons.optim.lr_at`), so resuming a run is exact;
 * a ``budget_seconds`` run times its first steps, then fixes the number of steps so it ends in time, and
-  corrects that number after every epoch with the measured cost of its steps and of its validation pass;
+  corrects that number after every epoch with the measured cost of its steps and of its validation pass
+  (:mod:`resnet_lessons.budget`);
 * a NaN or infinite loss stops the run with a message, and the last good checkpoint is kept.
 
 The loop knows nothing of notebooks or plots: chapters watch it through hooks.
@@ -154,7 +156,8 @@ def fit(
     run = prepare(model, data, cfg, options or RunOptions(), torch.device(device), checkpoint_dir, resume,
                    loss_fn, sample_weights, param_groups)
     state = run.state
-    watchers = [*builtin_hooks(run), *as_hooks(hooks)]
+    builtin = builtin_hooks(run)
+    watchers = [*builtin, *as_hooks(hooks)]  # early stopping first: it decides before a hook's stop is counted
     state.planned_epochs = cfg.epochs if state.total_steps is None else _epochs(state.total_steps, run)
     if call_hooks(watchers, "on_fit_start", _plan(run)):
         state.planned_epochs = state.epoch
@@ -163,8 +166,8 @@ def fit(
     saver = checkpoint_hook(run, data)
     state.last_lr = lr_at(state.step, state.total_steps or 1, cfg)
     while state.epoch < state.planned_epochs:
-        row = _train_epoch(run, epoch_bar)
-        _end_epoch(run, row, watchers, epoch_bar)
+        row, epoch_start, train_end = _train_epoch(run, epoch_bar)
+        _end_epoch(run, row, epoch_start, train_end, watchers, epoch_bar)
         if saver is not None:
             saver.on_epoch_end(row)
     epoch_bar.close()
@@ -176,16 +179,17 @@ def fit(
         checkpoint=run.checkpoint_path if run.checkpoint_path is not None and run.checkpoint_path.exists() else None,
         steps_per_epoch=run.steps_per_epoch,
     )
-    call_hooks(watchers[:1], "on_fit_end", result)  # the built-in ones first: early stopping restores the best
+    call_hooks(builtin, "on_fit_end", result)  # early stopping restores the best weights before anyone looks
     model.eval()
     if result.short_budget:
         warnings.warn(result.short_budget, stacklevel=2)
-    call_hooks(watchers[1:], "on_fit_end", result)
+    call_hooks(watchers[len(builtin):], "on_fit_end", result)
     return result
 
 
-def _train_epoch(run: Run, epoch_bar: Any) -> dict[str, Any]:
-    """One pass over the training split (or up to the planned total of steps); returns the epoch's row so far."""
+def _train_epoch(run: Run, epoch_bar: Any) -> tuple[dict[str, Any], float, float]:
+    """One pass over the training split (or up to the planned total of steps): the epoch's row so far, when the
+    epoch started and when its training ended (``time.perf_counter()``)."""
     state, cfg, device = run.state, run.cfg, run.device
     epoch_start = time.perf_counter()
     run.train_loader.set_epoch(state.epoch)
@@ -233,16 +237,16 @@ def _train_epoch(run: Run, epoch_bar: Any) -> dict[str, Any]:
         _diverged(state, run.steps_per_epoch - 1, run.checkpoint_path)
     sums = distributed.all_reduce_sum(sums).cpu()
     count = max(1.0, float(sums[2]))
-    return {"epoch": state.epoch + 1, "step": state.step, "lr": state.last_lr,
-            "train_loss": float(sums[0]) / count, "train_accuracy": float(sums[1]) / count,
-            "val_loss": float("nan"), "val_accuracy": float("nan"),
-            "_started": epoch_start, "_train_end": time.perf_counter()}
+    row = {"epoch": state.epoch + 1, "step": state.step, "lr": state.last_lr,
+           "train_loss": float(sums[0]) / count, "train_accuracy": float(sums[1]) / count,
+           "val_loss": float("nan"), "val_accuracy": float("nan")}
+    return row, epoch_start, time.perf_counter()
 
 
-def _end_epoch(run: Run, row: dict[str, Any], watchers: list[Any], epoch_bar: Any) -> None:
+def _end_epoch(run: Run, row: dict[str, Any], epoch_start: float, train_end: float, watchers: list[Any],
+               epoch_bar: Any) -> None:
     """Validate, plan a budget run again, record the row, call the hooks, and decide whether the run goes on."""
     state, options = run.state, run.options
-    epoch_start, train_end = row.pop("_started"), row.pop("_train_end")
     state.epoch += 1
     if run.val_loader is not None:
         row["val_loss"], row["val_accuracy"] = _evaluate(run.train_model, run.val_loader, run.autocast, run.device)
