@@ -109,9 +109,11 @@ def test_time_to_accuracy_gives_the_spread_over_seeds_and_the_fraction_of_the_ma
 
     out = tmp_path / "tta.json"
     run_bench("time_to_accuracy.py", "--data", "synthetic", "--budgets", "2", "--val-per-class", "10",
-              "--recipes", "cpu", "--seeds", "2", "--seed", "3", "--out", str(out))
+              "--recipes", "cpu", "--seeds", "2", "--seed", "3", "--whiten", "--tta", "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["results"]
+    assert result["cpu_probes"] == {"whiten": True, "tta": True} and result["cpu_recipe"]["whiten"] is True
+    assert all(r["whiten"] and 0 <= r["val_accuracy_without_tta"] <= 1 for r in rows)
     assert result["seeds"] == [3, 4] and [r["seed"] for r in rows] == [3, 4]
     (spread,) = result["summary"]["spread"]
     accuracies = [r["val_accuracy"] for r in rows]

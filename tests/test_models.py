@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -232,3 +233,22 @@ def test_every_network_shares_one_base_and_restores_its_mode(name: str) -> None:
     count_flops(model)
     assert not model.training
 
+
+
+def test_whiten_first_conv_decorrelates_the_patches_it_was_fitted_on():
+    from resnet_lessons.models import whiten_first_conv
+
+    generator = torch.Generator().manual_seed(0)
+    mix = torch.randn(3, 3, generator=generator)  # correlated colour channels, then blurred: correlated pixels
+    x = torch.einsum("ij,njhw->nihw", mix, torch.randn(64, 3, 12, 12, generator=generator))
+    x = F.avg_pool2d(x, 3, stride=1, padding=1)
+    model = build_model("resnet9", width=0.5)  # conv1: 3 -> 32 filters of 3x3: 16 directions and their negatives
+    conv = whiten_first_conv(model, x, eps=1e-6)
+    assert not conv.weight.requires_grad and (conv.bias is None or not conv.bias.any())
+    y = F.conv2d(x, conv.weight)  # no padding: exactly the patches the covariance was taken over
+    half = y[:, :16].transpose(0, 1).reshape(16, -1)
+    cov = torch.cov(half)
+    assert torch.allclose(cov, torch.eye(16), atol=1e-3)  # unit variance, uncorrelated
+    assert torch.equal(y[:, 16:], -y[:, :16])
+    with pytest.raises(ValueError, match="even number"):
+        whiten_first_conv(torch.nn.Sequential(), x)

@@ -437,3 +437,26 @@ def test_bf16_autocast_on_the_cpu_trains_and_keeps_fp32_weights():
     result = fit(model, DATA, replace(CFG, precision="bf16"), device="cpu")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+
+
+def test_a_whitened_recipe_starts_from_the_patch_whitening_of_a_seeded_sample_and_keeps_it_frozen():
+    from resnet_lessons.data import normalise
+    from resnet_lessons.models import whiten_first_conv
+    from resnet_lessons.run import WHITEN_IMAGES
+
+    cfg = replace(CFG, epochs=1, whiten=True)
+    model = tiny_model()
+    fit(model, DATA, cfg, device="cpu")
+    expected = tiny_model()  # the reference: the same function on the same seeded sample, by hand
+    rows = torch.randperm(len(DATA.train), generator=torch.Generator().manual_seed(cfg.seed))[:WHITEN_IMAGES]
+    whiten_first_conv(expected, normalise(DATA.train.images[rows], DATA.mean, DATA.std))
+    assert not model.conv1.weight.requires_grad
+    assert torch.allclose(model.conv1.weight, expected.conv1.weight)  # trained for an epoch, still the same
+
+
+def test_a_recipe_field_added_after_a_checkpoint_was_written_counts_as_its_default(tmp_path):
+    recipe, defaults = CFG.as_dict(), TrainConfig().as_dict()
+    saved = {k: v for k, v in recipe.items() if k != "whiten"}  # written before the recipe had `whiten`
+    checkpoints.check_resumable(saved, recipe, tmp_path / "checkpoint.pt", defaults)  # whiten=False: the same
+    with pytest.raises(ValueError, match=r"the recipe changed \(whiten: False -> True\)"):
+        checkpoints.check_resumable(saved, {**recipe, "whiten": True}, tmp_path / "checkpoint.pt", defaults)

@@ -306,9 +306,12 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def check_resumable(saved: Mapping[str, Any], recipe: Mapping[str, Any], path: Path) -> None:
+def check_resumable(saved: Mapping[str, Any], recipe: Mapping[str, Any], path: Path,
+                    defaults: Mapping[str, Any] | None = None) -> None:
     """The recipe must be the one the checkpoint was trained with; run options (quietness, validation batch,
-    early stopping, checkpoint frequency) are not part of it and may change."""
+    early stopping, checkpoint frequency) are not part of it and may change. ``defaults``: what a field the
+    checkpoint does not name was (a field added to the recipe after the checkpoint was written)."""
+    saved = {**(defaults or {}), **saved}
     changed = [k for k, v in recipe.items() if saved.get(k) != v]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {recipe[k]!r}" for k in changed)
@@ -319,14 +322,15 @@ def check_resumable(saved: Mapping[str, Any], recipe: Mapping[str, Any], path: P
 
 
 def load_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-                  recipe: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  recipe: Mapping[str, Any], device: torch.device,
+                  defaults: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Resume from ``path``: check the recipe, load the weights, optimiser, scaler and RNG states; return the
     checkpoint's ``train_state`` and history."""
     raw = load_raw(path, map_location=device)
     train_state = raw.get("train_state") or {}
     if "optimizer" not in train_state:
         raise CheckpointError(f"{path} holds no training state to resume from")
-    check_resumable(train_state["config"], recipe, path)
+    check_resumable(train_state["config"], recipe, path, defaults)
     model.load_state_dict(raw["model_state"])
     optimizer.load_state_dict(train_state["optimizer"])
     if scaler is not None and train_state.get("scaler"):

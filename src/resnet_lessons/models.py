@@ -701,6 +701,35 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> None:
         model(torch.zeros(tuple(input_size), device=device, dtype=dtype))
 
 
+@torch.no_grad()
+def whiten_first_conv(model: nn.Module, x: Tensor, *, eps: float = 5e-4, freeze: bool = True) -> nn.Conv2d:
+    """Set the first convolution of ``model`` (``conv1``) to whiten its input patches, from the data.
+
+    ``x``: normalised training images ``[N, C, H, W]``. The covariance of their ``k x k`` patches (``k`` the
+    kernel size) has eigenvectors ``v_i`` and eigenvalues ``l_i``; the filters are ``v_i / sqrt(l_i + eps)`` for
+    the ``out_channels / 2`` largest ``l_i`` and their negatives (so the ReLU after keeps both signs), and the bias
+    is zero. A patch-whitening first layer (hlb-CIFAR10, airbench: Jordan 2024, arXiv:2404.00498) decorrelates
+    what the rest of the network sees from the first step on. ``freeze``: the filters are not trained."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or conv.out_channels % 2 or conv.groups != 1:
+        raise ValueError("whiten_first_conv needs a model whose conv1 is an nn.Conv2d with an even number of "
+                         f"output channels, got {conv!r}")
+    k, half = conv.kernel_size, conv.out_channels // 2
+    dims = conv.in_channels * k[0] * k[1]
+    if half > dims:
+        raise ValueError(f"conv1 has {conv.out_channels} filters but {dims}-dimensional patches: at most {2 * dims}")
+    patches = F.unfold(x.float(), k).transpose(1, 2).reshape(-1, dims).double()  # [patches, C*k*k]
+    patches = patches - patches.mean(0)
+    values, vectors = torch.linalg.eigh(patches.T @ patches / max(1, patches.shape[0] - 1))
+    values, vectors = values.flip(0)[:half], vectors.flip(1)[:, :half]  # the largest first
+    filters = (vectors / (values.clamp_min(0) + eps).sqrt()).T.reshape(half, conv.in_channels, *k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
+    if conv.bias is not None:
+        conv.bias.zero_()
+    conv.requires_grad_(not freeze)
+    return conv
+
+
 def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) -> int:
     """FLOPs of one forward pass at ``input_size``, counted by ``torch.utils.flop_counter``.
 
@@ -755,6 +784,7 @@ __all__ = [
     "build_model",
     "check_options",
     "count_flops",
+    "whiten_first_conv",
     "count_parameters",
     "init_like_torchvision",
     "make_preact_shortcut",

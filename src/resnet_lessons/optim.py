@@ -62,6 +62,8 @@ class TrainConfig:
     step_gamma: float = 0.1  # step: the factor at each milestone (He et al.: /10 at 32k and 48k of 64k)
     # loss
     label_smoothing: float = 0.0  # target smoothing epsilon in the cross-entropy (0.1 is usual)
+    # initialisation from the data
+    whiten: bool = False  # conv1 whitens 3x3 patches of 1,000 training images, frozen (models.whiten_first_conv)
     # augmentation (DeviceLoader's Augment)
     crop_padding: int = 4  # random crop after zero padding by this many pixels; 0: no crop
     flip: bool = True  # random horizontal flips

@@ -19,8 +19,9 @@ from torch import nn
 from . import checkpoints, distributed, runtime
 from ._files import check_writable
 from .budget import BudgetClock
-from .data import Augment, DataSplits, DeviceLoader
+from .data import Augment, DataSplits, DeviceLoader, normalise
 from .hooks import Checkpointing, EarlyStopping, Hook, RunState
+from .models import whiten_first_conv
 from .optim import RunOptions, TrainConfig, make_optimizer
 from .runtime import resolve_precision
 
@@ -80,6 +81,8 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
             raise FileExistsError(
                 f"{checkpoint_path} already exists; resume it (resume=True) or choose another checkpoint_dir"
             )
+    if cfg.whiten:
+        _whiten(model, data, cfg.seed)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -105,6 +108,17 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
                autocast=partial(runtime.autocast, precision, device), train_loader=train_loader,
                val_loader=val_loader, state=state, started=started, checkpoint_path=checkpoint_path, clock=clock,
                bars=not options.quiet and world.is_main and _progress_bars())
+
+
+WHITEN_IMAGES = 1000  # training images whose 3x3 patches (900 each) set the whitening filters
+
+
+def _whiten(model: nn.Module, data: DataSplits, seed: int) -> None:
+    """``cfg.whiten``: conv1 from the patch covariance of a seeded sample of the training split (every process
+    draws the same sample, so under DDP every copy starts the same)."""
+    train = data["train"]
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:WHITEN_IMAGES]
+    whiten_first_conv(model, normalise(train.images[rows], data.mean, data.std))
 
 
 def loaders(data: DataSplits, cfg: TrainConfig, options: RunOptions, device: torch.device, channels_last: bool,
@@ -159,7 +173,8 @@ def checkpoint_hook(run: Run, data: DataSplits) -> Checkpointing | None:
 def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
             cfg: TrainConfig, device: torch.device) -> RunState:
     """The run state to continue from; the checkpoint's weights, optimiser, scaler and RNG states are loaded."""
-    train_state, history = checkpoints.load_training(path, model, optimizer, scaler, cfg.as_dict(), device)
+    train_state, history = checkpoints.load_training(path, model, optimizer, scaler, cfg.as_dict(), device,
+                                                     defaults=TrainConfig().as_dict())
     return RunState.from_checkpoint(train_state, history)
 
 
