@@ -78,6 +78,10 @@ def per_class(text: str) -> int | None:
 SOURCE_HELP = "cifar10, synthetic, or a path to an image folder or .zip"
 
 
+def add_checkpoint(p: argparse.ArgumentParser, what: str = "a model.pt written by resnet-lessons") -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=what)
+
+
 def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="SOURCE", help=SOURCE_HELP)
 

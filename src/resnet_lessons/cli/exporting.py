@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .common import (
     SOURCE_HELP,
     CommandError,
+    add_checkpoint,
     add_force,
     add_skip_bad,
     load_checkpoint,
@@ -35,7 +36,7 @@ def add_export(commands: Commands) -> None:
         "FILE is written only when they match. An existing FILE or FILE.json is replaced only with --force, "
         "and the checkpoint itself never.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt or checkpoint.pt written by resnet-lessons")
+    add_checkpoint(p, "a model.pt or checkpoint.pt written by resnet-lessons")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="onnx or torchscript")
     p.add_argument("--out", required=True, metavar="FILE", help="the exported file (FILE.json is written beside it)")
     p.add_argument("--data", metavar="SOURCE", help=f"verify on validation images of SOURCE ({SOURCE_HELP}), split "

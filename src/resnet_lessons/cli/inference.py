@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .common import (
     CommandError,
+    add_checkpoint,
     add_data,
     add_device,
     add_skip_bad,
@@ -34,7 +35,7 @@ def add_evaluate(commands: Commands) -> None:
         description="Evaluate CHECKPOINT on a split of SOURCE with the normalisation stored in the checkpoint. "
         "The validation split is carved exactly as in training (the checkpoint records how).",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt written by resnet-lessons")
+    add_checkpoint(p)
     add_data(p)
     p.add_argument("--split", metavar="NAME", help="train, val or test (default: test if there is one, else val)")
     p.add_argument("--json", action="store_true", help='print {"accuracy", "loss", "n", "per_class"} as JSON')
@@ -85,7 +86,7 @@ def add_predict(commands: Commands) -> None:
         description="Classify image files with CHECKPOINT. A file that cannot be read gets its own error "
         "and the others are still predicted (exit code 1 if any failed).",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt written by resnet-lessons")
+    add_checkpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     p.add_argument("--top-k", type=whole(1), default=3, metavar="K", help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"class", "p"}], "error"}] as JSON')
