@@ -360,3 +360,15 @@ def test_cli_unwritable_output_is_one_line_and_exit_1(tmp_path, checkpoint_file,
     error = capsys.readouterr().err
     assert code == 1 and len(error.strip().splitlines()) == 1
     assert ("cannot create the folder" in error) if where == "under_a_file" else ("is a folder" in error)
+
+
+def test_a_channels_last_model_fresh_from_a_bf16_fit_can_be_pruned_and_keeps_its_predictions():
+    from resnet_lessons import compress
+
+    model = build_model("resnet8", width=0.5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    model.to(memory_format=torch.channels_last)  # what train.fit leaves with bf16 on a CPU
+    pruned = compress.prune_global(model, 0.5)
+    assert compress.sparsity(pruned) > 0.4
+    torch.testing.assert_close(compress.prune_global(model, 0.0)(x), expected, rtol=1e-4, atol=1e-5)

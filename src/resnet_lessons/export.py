@@ -59,9 +59,11 @@ def quiet_warnings() -> Iterator[None]:
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU copy of the network inside any DDP / ``torch.compile`` wrapper, in eval mode: what is
-    exported or compressed, leaving the caller's model as it was."""
-    return copy.deepcopy(unwrap(model)).cpu().float().eval()
+    """A float32 CPU copy of the network inside any DDP / ``torch.compile`` wrapper, in eval mode and the standard
+    memory layout (a model fresh from a bf16 fit is channels_last, which pruning's flattening cannot view): what
+    is exported or compressed, leaving the caller's model as it was."""
+    copied = copy.deepcopy(unwrap(model)).cpu().float().eval()
+    return copied.to(memory_format=torch.contiguous_format)
 
 
 # --- what an exported model needs beside its weights ------------------------------------------------
