@@ -18,9 +18,13 @@ the same way: by ``fit``'s validation pass after its last epoch (eval mode, insi
    batch size and peak lr tuned with them (256, 0.4).
 4. ``label_smoothing``: epsilon 0.2.
 5. ``bf16``: bf16 autocast and channels_last where the CPU computes bf16 natively (``precision="auto"``): a
-   speed feature, not a correction, and the last difference between rung 4 and the book's CPU recipe. Where the
-   CPU has no bf16 instructions it changes nothing and is not trained again.
-6. ``flip_tta``: test-time flips (evaluation only): rung 5's models, each image's logits averaged with its
+   speed feature, not a correction. Where the CPU has no bf16 instructions it changes nothing and is not trained
+   again.
+6. ``muon``: Muon for the convolution filters (``optim.MuonSGD``), SGD for the rest.
+7. ``alternate_flip``: each image flipped the other way every epoch after a random first.
+8. ``progressive``: the first half of the steps on smaller crops (``TrainConfig.progressive_size``). Rungs 6 to 8
+   are issue 18's; a rung whose change the CPU recipe does not have is its previous rung, not trained again.
+9. ``flip_tta``: test-time flips (evaluation only): rung 8's models, each image's logits averaged with its
    mirror image's (``metrics.flip_tta``, the book's one rule).
 
 The last trained rung is the ``cpu`` profile's recipe (``common.CPU_RECIPE``), checked when the script starts.
@@ -55,7 +59,7 @@ CPU_RECIPE = common.CPU_RECIPE
 # nothing in what is learned). Each rung below restores some of these fields to the CPU recipe's values.
 ARTICLE = dict(model="resnet18", model_options={}, optimizer="adam", lr=1e-3, momentum=0.9, nesterov=False,
                schedule="constant", weight_decay=0.0, batch_size=128, crop_padding=0, flip=False,
-               label_smoothing=0.0, precision="fp32")
+               label_smoothing=0.0, precision="fp32", alternate_flip=False, progressive_size=0)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Rung:
     id: str
     change: str  # what this rung corrects, in one line
     restores: tuple[str, ...] = ()  # TrainConfig fields set back to the CPU recipe's values
+    sets: tuple[tuple[str, Any], ...] = ()  # fields set to a value of their own until a later rung restores them
     tta: bool = False  # evaluation only: flip TTA on the previous rung's models
 
 
@@ -71,9 +76,12 @@ RUNGS = (
     Rung("network", "a 32x32-aware network: half-width ResNet-9 (Page 2018)", ("model", "model_options")),
     Rung("augmentation", "random crop (pad 4) and horizontal flip", ("crop_padding", "flip")),
     Rung("sgd_onecycle", "SGD + Nesterov, one-cycle, weight decay 5e-4 on weights, batch 256, peak lr 0.4",
-         ("optimizer", "lr", "momentum", "nesterov", "schedule", "weight_decay", "batch_size")),
+         ("lr", "momentum", "nesterov", "schedule", "weight_decay", "batch_size"), sets=(("optimizer", "sgd"),)),
     Rung("label_smoothing", "label smoothing 0.2", ("label_smoothing",)),
     Rung("bf16", "bf16 autocast + channels_last where the CPU has bf16 (speed, not a correction)", ("precision",)),
+    Rung("muon", "Muon for the convolution filters (orthogonalised steps at a fixed filter norm)", ("optimizer",)),
+    Rung("alternate_flip", "alternating flips: each image the other way every epoch", ("alternate_flip",)),
+    Rung("progressive", "progressive resizing: the first half of the steps on smaller crops", ("progressive_size",)),
     Rung("flip_tta", "test-time horizontal flip (evaluation only)", tta=True),
 )
 
@@ -107,7 +115,7 @@ def rung_configs() -> list[TrainConfig | None]:
     cfg = replace(CPU_RECIPE, **ARTICLE)
     configs: list[TrainConfig | None] = []
     for rung in RUNGS:
-        cfg = replace(cfg, **{name: getattr(CPU_RECIPE, name) for name in rung.restores})
+        cfg = replace(cfg, **dict(rung.sets), **{name: getattr(CPU_RECIPE, name) for name in rung.restores})
         configs.append(None if rung.tta else cfg)
     return configs
 

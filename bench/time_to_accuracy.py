@@ -9,16 +9,18 @@ scored on the same validation images.
 
 * ``cpu``: the recipe this book proposes for a 2-core CPU (:data:`CPU_RECIPE`, the ``cpu`` profile's):
   ResNet-9 (Page 2018) at half width, bf16 autocast and channels_last where the CPU has bf16 instructions,
-  the data as one uint8 tensor (DeviceLoader: crop + flip per batch), SGD with Nesterov, one-cycle, label
-  smoothing 0.2, no weight decay on BatchNorm and biases, the schedule planned to end within the budget
-  (``train.fit(budget_seconds=...)``).
+  the data as one uint8 tensor (DeviceLoader: crops and alternating flips per batch, the first half of the
+  steps on 24 px crops), Muon for the convolution filters and SGD with Nesterov for the rest, one-cycle, label
+  smoothing 0.2, the schedule planned to end within the budget (``train.fit(budget_seconds=...)``), then
+  test-time augmentation (``--tta``, default: the image and its 1 px shifts both ways, each with its mirror),
+  whose time is reserved out of the same budget.
 * ``article``: the article's section 5.2 code with its head bug fixed (torchvision's ResNet-18 with a
   10-class ``fc``, random initialisation: no weights can be downloaded here), Adam at 1e-3, no
   augmentation, batch 128, normalisation (0.5, 0.5, 0.5), the torchvision ``DataLoader`` with PIL
   transforms. It trains until the budget (less its final evaluation) is spent, then is evaluated in
   ``model.eval()`` mode (the article's other bug).
 
-Goal (issue 5): >= 85% at 600 s, and the article's 600 s accuracy reached by the CPU recipe within 180 s.
+Goals (issue 18): a mean over seeds of at least 0.92 at 600 s and 0.85 at 180 s (``summary.goal_met``).
 ``--seeds N`` trains each recipe at each budget N times (training seeds; the data split stays seed ``--seed``);
 ``summary.spread`` gives the mean, standard deviation, min and max per recipe and budget. Beside the speed of
 each ``cpu`` run (``achieved_gflops``: 3 x the forward FLOPs of ``count_flops`` per image seen, over the run's
@@ -50,39 +52,49 @@ from resnet_lessons.train import RunOptions, fit, replace, resolve_precision
 SHARED_ZIP = common.SHARED_ZIP
 LABEL = common.JPEG_LABEL
 CPU_RECIPE = common.CPU_RECIPE  # the cpu profile's recipe (bench/common.py), which ladder.py walks towards
+TTA_SHIFT = 1  # pixels of the shifted test-time views (airbench's)
 
 
-def run_cpu_recipe(data, budget: float, seed: int, recipe=CPU_RECIPE, tta: bool = False) -> dict:
+def run_cpu_recipe(data, budget: float, seed: int, recipe=CPU_RECIPE, tta: bool = False, translate: int = 0) -> dict:
     """The recipe within ``budget`` seconds, everything counted: the fit (whitening the first layer too, when the
-    recipe says ``whiten``) and flip test-time augmentation of the validation split (``tta``: its time is
-    reserved from the fit's)."""
+    recipe says ``whiten``) and test-time augmentation of the validation split (``tta``: flips, and with
+    ``translate`` shifts by that many pixels; its time is reserved from the fit's)."""
     start = time.perf_counter()
     runtime.seed_everything(seed)
     model = build_model(recipe.model, num_classes=len(data.classes), **recipe.model_options)
     precision = resolve_precision(recipe.precision, torch.device("cpu"))
     reserve = 0.0
-    if tta:  # two passes over the validation split, timed on a tenth of it after a warm-up (x 1.5: a margin)
+    views = 2 * (3 if translate else 1)
+    channels_last = precision == "bf16"
+    score = partial(flip_tta_accuracy, model, data.val.images, data.val.labels, mean=data.mean, std=data.std,
+                    precision=precision, channels_last=channels_last)
+    if tta:  # a pass over the validation split per view, timed on a tenth of it after a warm-up (x 1.2: a margin)
         tenth = data.val.images[: len(data.val) // 10]
-        infer(model, tenth[:100], mean=data.mean, std=data.std, precision=precision)
+        predict = partial(infer, model, mean=data.mean, std=data.std, precision=precision,
+                          channels_last=channels_last)
+        predict(tenth[:100])
         probe = time.perf_counter()
-        infer(model, tenth, mean=data.mean, std=data.std, precision=precision)
-        reserve = 1.5 * 2 * 10 * (time.perf_counter() - probe)
+        predict(tenth)
+        reserve = 1.2 * views * 10 * (time.perf_counter() - probe)
     cfg = replace(recipe, budget_seconds=budget - (time.perf_counter() - start) - reserve, seed=seed)
     result = fit(model, data, cfg, device="cpu", options=RunOptions(quiet=True))
     history = result.history
     val_accuracy = float(history["val_accuracy"].iloc[-1])
-    extra = {}
+    extra: dict = {}
     if tta:
-        plain, flipped = flip_tta_accuracy(model, data.val.images, data.val.labels, mean=data.mean, std=data.std,
-                                           precision=precision, channels_last=precision == "bf16")
-        extra = {"val_accuracy_without_tta": plain, "tta": "flip (mean of the logits of each image and its mirror)"}
-        val_accuracy = flipped
+        plain, val_accuracy = score(translate=translate)
+        shifts = f" and its shifts by {translate} px both ways" if translate else ""
+        extra = {"val_accuracy_without_tta": plain,
+                 "tta": f"the mean of the logits of {views} views: the image{shifts}, each with its mirror image"}
+    seconds = time.perf_counter() - start
+    if tta and translate:  # the flip-only score of the same model, for comparison (its time is not counted)
+        extra["val_accuracy_flip_only"] = score()[1]
     return {
         "val_accuracy": val_accuracy,
         **extra,
         "whiten": recipe.whiten,
         "images_seen": int(result.images_seen),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "fit_seconds": result.seconds,
         "epochs": float(result.steps) / max(1, len(data.train) // cfg.batch_size),
         "stopped": result.stopped,
@@ -147,8 +159,10 @@ def main(argv=None) -> int:
                              "model='\"resnet20\"' model_options='{}' (write to another --out)")
     parser.add_argument("--whiten", action="store_true",
                         help="cpu recipe with whiten=True: conv1 whitens 3x3 patches of the data, frozen")
-    parser.add_argument("--tta", action="store_true",
-                        help="cpu recipe: score with flip test-time augmentation, its time inside the budget")
+    parser.add_argument("--tta", choices=["shift", "flip", "none"], default="shift",
+                        help="cpu recipe's test-time augmentation, its time inside the budget: 'shift' (default) the "
+                             f"image and its shifts by {TTA_SHIFT} px both ways, each with its mirror (6 views); "
+                             "'flip' the image and its mirror; 'none'")
     parser.add_argument("--out", default=str(common.RESULTS / "time_to_accuracy.json"))
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.budgets):
@@ -180,7 +194,8 @@ def main(argv=None) -> int:
     results = []
     for budget in args.budgets:
         for name in args.recipes:
-            run = (partial(run_cpu_recipe, recipe=cpu_recipe, tta=args.tta) if name == "cpu"
+            run = (partial(run_cpu_recipe, recipe=cpu_recipe, tta=args.tta != "none",
+                           translate=TTA_SHIFT if args.tta == "shift" else 0) if name == "cpu"
                    else run_article_recipe)
             for seed in range(args.seed, args.seed + (args.seeds if name == "cpu" else args.article_seeds)):
                 row = {"recipe": name, "budget_s": budget, "seed": seed, **run(data, budget, seed)}
@@ -206,10 +221,9 @@ def main(argv=None) -> int:
         summary["cpu_seconds_to_article_600s_accuracy"] = min(crossings) if crossings else None
     if ("cpu", 600) in means:
         summary["cpu_600s_accuracy"] = means[("cpu", 600)]  # the mean over the seeds
-    summary["goal"] = "cpu_600s_accuracy >= 0.85 and cpu_seconds_to_article_600s_accuracy <= 180"
-    if "cpu_600s_accuracy" in summary and "article_600s_accuracy" in summary:
-        reached = summary["cpu_seconds_to_article_600s_accuracy"]
-        summary["goal_met"] = summary["cpu_600s_accuracy"] >= 0.85 and reached is not None and reached <= 180
+    summary["goal"] = "mean cpu accuracy >= 0.92 at 600 s and >= 0.85 at 180 s (issue 18)"
+    if ("cpu", 600) in means and ("cpu", 180) in means:
+        summary["goal_met"] = means[("cpu", 600)] >= 0.92 and means[("cpu", 180)] >= 0.85
 
     report = {
         "benchmark": "time_to_accuracy",

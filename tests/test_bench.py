@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,8 @@ def test_time_to_accuracy_small(tmp_path):
     check_record(result, "time_to_accuracy.py")
     assert {r["recipe"] for r in result["results"]} == {"cpu", "article"}
     assert all(0 <= r["val_accuracy"] <= 1 for r in result["results"])
+    (cpu,) = [r for r in result["results"] if r["recipe"] == "cpu"]  # by default scored with 6 views
+    assert "6 views" in cpu["tta"] and 0 <= cpu["val_accuracy_flip_only"] <= 1
 
 
 @pytest.mark.slow
@@ -109,10 +112,12 @@ def test_time_to_accuracy_gives_the_spread_over_seeds_and_the_fraction_of_the_ma
 
     out = tmp_path / "tta.json"
     run_bench("time_to_accuracy.py", "--data", "synthetic", "--budgets", "2", "--val-per-class", "10",
-              "--recipes", "cpu", "--seeds", "2", "--seed", "3", "--whiten", "--tta", "--out", str(out))
+              "--recipes", "cpu", "--seeds", "2", "--seed", "3", "--whiten", "--tta", "flip", "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["results"]
-    assert result["cpu_probes"] == {"whiten": True, "tta": True} and result["cpu_recipe"]["whiten"] is True
+    assert result["cpu_probes"] == {"whiten": True, "tta": "flip"}
+    assert all("2 views" in r["tta"] and "val_accuracy_flip_only" not in r for r in rows)
+    assert result["cpu_recipe"]["whiten"] is True
     assert all(r["whiten"] and 0 <= r["val_accuracy_without_tta"] <= 1 for r in rows)
     assert result["seeds"] == [3, 4] and [r["seed"] for r in rows] == [3, 4]
     (spread,) = result["summary"]["spread"]
@@ -156,6 +161,42 @@ def test_flip_tta_matches_a_hand_computation():
     assert tta == pytest.approx(((logits + mirrored).argmax(1) == labels).float().mean().item())
 
 
+def test_translate_tta_averages_six_views_made_by_hand():
+    torch.manual_seed(1)
+    model = build_model("resnet8", width=0.25).eval()
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (12,))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    plain, tta = evaluate.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=5, translate=2)
+    padded = torch.from_numpy(np.pad(images.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect"))
+    views = [images, padded[..., :16, :16], padded[..., 4:20, 4:20]]  # moved down-right, and up-left
+    with torch.no_grad():
+        logits = [model((v.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+                  for view in views for v in (view, view.flip(3))]
+    assert plain == pytest.approx((logits[0].argmax(1) == labels).float().mean().item())
+    assert tta == pytest.approx((sum(logits).argmax(1) == labels).float().mean().item())
+
+
+@pytest.mark.slow
+def test_recipe_changes_trains_the_recipe_and_each_change_undone(tmp_path):
+    out = tmp_path / "changes.json"
+    printed = run_bench("recipe_changes.py", "--data", "synthetic", "--budget", "3", "--val-per-class", "10",
+                        "--out", str(out))
+    result = json.loads(out.read_text())
+    check_record(result, "recipe_changes.py")
+    arms = {arm["id"]: arm for arm in result["arms"]}
+    assert list(arms)[:3] == ["recipe", "no_translate_tta", "no_tta"]
+    recipe = result["cpu_recipe"]
+    expected = {"sgd": recipe["optimizer"] != "sgd", "no_alternate_flip": recipe["alternate_flip"],
+                "no_progressive": recipe["progressive_size"] != 0, "no_whiten": recipe["whiten"]}
+    assert {name for name, present in expected.items() if present} == set(arms) - {"recipe", "no_translate_tta",
+                                                                                    "no_tta"}
+    for arm in arms.values():
+        assert all(0 <= v <= 1 for v in arm["values"]) and len(arm["values"]) == 1
+        assert arm["difference"] == pytest.approx(arm["mean"] - arms["recipe"]["mean"])
+    assert "no_tta" in printed
+
+
 def test_measure_throughput_rejects_bad_settings():
     model = build_model("resnet8", width=0.25)
     with pytest.raises(ValueError, match="precision .fp8."):
@@ -182,12 +223,21 @@ def test_a_smoke_result_is_not_a_measurement(tmp_path, monkeypatch):
 
 
 def readme_rows(result: dict) -> list[str]:
-    """The README's time-to-accuracy table rows, as written from ``bench/results/time_to_accuracy.json``."""
-    runs = {(r["recipe"], r["budget_s"]): r for r in result["results"]}
-    return [f"| {budget:.0f} s "
-            f"| {runs['cpu', budget]['val_accuracy']:.3f} ({runs['cpu', budget]['epochs']:.1f} epochs) "
-            f"| {runs['article', budget]['val_accuracy']:.3f} ({runs['article', budget]['epochs']:.1f} epochs) |"
-            for budget in sorted({b for _, b in runs})]
+    """The README's time-to-accuracy table rows, as written from ``bench/results/time_to_accuracy.json``: per
+    budget the CPU recipe's mean over its seeds (min-max) and the article's mean, each with the mean epochs."""
+    spread = {(s["recipe"], s["budget_s"]): s for s in result["summary"]["spread"]}
+
+    def epochs(recipe: str, budget: float) -> float:
+        values = [r["epochs"] for r in result["results"] if (r["recipe"], r["budget_s"]) == (recipe, budget)]
+        return sum(values) / len(values)
+
+    rows = []
+    for budget in sorted({b for _, b in spread}):
+        cpu, article = spread["cpu", budget], spread["article", budget]
+        rows.append(f"| {budget:.0f} s | {cpu['mean']:.3f} ({cpu['min']:.3f}-{cpu['max']:.3f}; "
+                    f"{epochs('cpu', budget):.1f} epochs) | {article['mean']:.3f} ({epochs('article', budget):.1f} "
+                    "epochs) |")
+    return rows
 
 
 def test_the_readme_states_the_time_to_accuracy_that_was_measured():

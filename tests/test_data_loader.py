@@ -157,3 +157,44 @@ def test_bad_arguments():
         DeviceLoader(images.float(), labels, batch_size=4, mean=MEAN, std=STD, train=True)
     with pytest.raises(ValueError, match="rank"):
         DeviceLoader(images, labels, batch_size=4, mean=MEAN, std=STD, train=True, rank=2, world_size=2)
+
+
+def test_alternate_flip_shows_each_image_the_other_way_every_epoch():
+    images, labels = images_labels()
+
+    def flips_by_image(loader, epoch):
+        loader.set_epoch(epoch)
+        flips = torch.empty(len(images), dtype=torch.bool)
+        for rows, draws in loader.plan():
+            flips[rows] = draws.flip
+        return flips
+
+    loader = DeviceLoader(images, labels, batch_size=10, mean=MEAN, std=STD, train=True, seed=3,
+                          augment=Augment(alternate_flip=True))
+    epochs = [flips_by_image(loader, e) for e in range(4)]
+    assert 0.2 < epochs[0].float().mean() < 0.8  # the first epoch's sides are random
+    for before, after in zip(epochs, epochs[1:]):
+        assert torch.equal(after, ~before)  # then every image turns over
+    random_flips = DeviceLoader(images, labels, batch_size=10, mean=MEAN, std=STD, train=True, seed=3)
+    assert not torch.equal(flips_by_image(random_flips, 1), ~flips_by_image(random_flips, 0))
+    no_flips = DeviceLoader(images, labels, batch_size=10, mean=MEAN, std=STD, train=True, seed=3,
+                            augment=Augment(flip=False, alternate_flip=True))
+    assert not flips_by_image(no_flips, 1).any()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_random_window_is_a_dense_slice_of_the_batch(channels_last):
+    from resnet_lessons.data import random_window
+
+    x = torch.randn(4, 3, 12, 10)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    tops_lefts = set()
+    for seed in range(20):
+        window = random_window(x, 8, torch.Generator().manual_seed(seed))
+        assert window.shape == (4, 3, 8, 8)
+        assert window.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        found = [(t, c) for t in range(5) for c in range(3) if torch.equal(window, x[..., t : t + 8, c : c + 8])]
+        assert len(found) == 1
+        tops_lefts.add(found[0])
+    assert len(tops_lefts) > 5  # the place is random
+    assert random_window(x, 20, torch.Generator()).shape == x.shape  # larger than the image: all of it

@@ -43,7 +43,7 @@ def test_each_rung_changes_one_thing_and_the_last_is_the_cpu_recipe(ladder):
     assert (first.weight_decay, first.label_smoothing, first.crop_padding, first.flip, first.batch_size) == (
         0.0, 0.0, 0, False, 128)
     for before, after, rung in zip(configs, configs[1:], ladder.RUNGS[1:]):
-        assert set(ladder.differences(before, after)) <= set(rung.restores), rung.id  # only its own fields
+        assert set(ladder.differences(before, after)) <= set(rung.restores) | dict(rung.sets).keys(), rung.id
     assert [r.id for r in ladder.RUNGS][-1] == "flip_tta" and ladder.RUNGS[-1].tta
 
 
@@ -81,7 +81,8 @@ def test_ladder_runs_end_to_end_and_writes_its_json(tmp_path):
     assert result["command"].startswith("bench/ladder.py")
     rungs = result["rungs"]
     assert [r["id"] for r in rungs] == ["article", "network", "augmentation", "sgd_onecycle", "label_smoothing",
-                                        "bf16", "flip_tta"]
+                                        "bf16", "muon", "alternate_flip", "progressive", "flip_tta"]
+    assert rungs[3]["config_changes"]["optimizer"] == "sgd"  # SGD first; Muon is a rung of its own
     for index, rung in enumerate(rungs):
         assert rung["rung"] == index
         assert {"change", "mean", "std", "min", "max", "values", "binomial_se", "gain", "epochs", "runs"} <= set(rung)

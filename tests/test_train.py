@@ -99,7 +99,10 @@ def test_config_from_profile_takes_the_profile_recipe():
     assert (cfg.model, cfg.batch_size, cfg.lr, cfg.weight_decay) == (
         profile.model, profile.batch_size, profile.lr, profile.weight_decay)
     assert (cfg.label_smoothing, cfg.seed, cfg.epochs, cfg.optimizer, cfg.schedule) == (
-        profile.label_smoothing, profile.seed, 2, "sgd", "onecycle")
+        profile.label_smoothing, profile.seed, 2, profile.optimizer, "onecycle")
+    assert (cfg.muon_lr, cfg.alternate_flip, cfg.progressive_size) == (
+        profile.muon_lr, profile.alternate_flip, profile.progressive_size)
+    assert config_from_profile(get_profile("smoke")).optimizer == "sgd"
     with pytest.raises(TypeError, match="no field"):
         config_from_profile(profile, epoch=3)
     assert (cfg.precision, config_from_profile(get_profile("smoke")).precision) == ("auto", "fp32")
@@ -460,3 +463,119 @@ def test_a_recipe_field_added_after_a_checkpoint_was_written_counts_as_its_defau
     checkpoints.check_resumable(saved, recipe, tmp_path / "checkpoint.pt", defaults)  # whiten=False: the same
     with pytest.raises(ValueError, match=r"the recipe changed \(whiten: False -> True\)"):
         checkpoints.check_resumable(saved, {**recipe, "whiten": True}, tmp_path / "checkpoint.pt", defaults)
+
+
+# --- Muon, progressive resizing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 72), (72, 16), (32, 32)])
+def test_orthogonalise_keeps_the_singular_vectors_and_sets_the_singular_values_near_one(shape):
+    from resnet_lessons.optim import orthogonalise
+
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    result = orthogonalise(matrix)
+    assert result.shape == matrix.shape and result.dtype == matrix.dtype
+    singular = torch.linalg.svdvals(result)
+    assert singular.min() > 0.5 and singular.max() < 1.3  # Newton-Schulz's band around 1, not exactly 1
+    # in the input's singular basis the result is diagonal: the directions are the input's, only sizes change
+    inner = u.T @ result @ vh.T
+    off_diagonal = inner - torch.diag(torch.diagonal(inner))
+    assert off_diagonal.norm() < 0.05 * inner.norm()
+
+
+def test_muon_orthogonalises_the_filters_at_a_fixed_norm_and_steps_the_rest_as_sgd():
+    from resnet_lessons.optim import MuonSGD, orthogonalise
+
+    cfg = replace(CFG, optimizer="muon", lr=0.1, muon_lr=0.05, muon_momentum=0.6, momentum=0.9, weight_decay=1e-3)
+    model = tiny_model()
+    optimizer = make_optimizer(model, cfg)
+    assert isinstance(optimizer, MuonSGD)
+    filters = {id(p) for p in model.parameters() if p.ndim == 4}
+    for group in optimizer.param_groups:
+        assert all((id(p) in filters) == group["orthogonalise"] for p in group["params"])
+        assert group.get("lr_scale", 1.0) == (0.5 if group["orthogonalise"] else 1.0)  # muon_lr / lr
+    reference = tiny_model()  # the same weights; the non-filters stepped by torch's SGD
+    others = [p for p in reference.parameters() if p.ndim != 4]
+    sgd = torch.optim.SGD([{"params": [p for p in others if p.ndim > 1]},  # the head: decayed, as by default
+                           {"params": [p for p in others if p.ndim <= 1], "weight_decay": 0.0}],
+                          lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    x, y = DATA.train.images[:8].float() / 255, DATA.train.labels[:8]
+    conv = model.conv1.weight
+    buffer = torch.zeros_like(conv)
+    for _ in range(3):
+        for net in (model, reference):
+            net.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = 0.1 * group.get("lr_scale", 1.0)
+        before, grad = conv.detach().clone(), conv.grad.clone()
+        optimizer.step()
+        sgd.step()
+        with torch.no_grad():  # the reference takes the filters' step from the model: the same network each time
+            for mine, theirs in zip(model.parameters(), reference.parameters()):
+                if mine.ndim == 4:
+                    theirs.copy_(mine)
+        buffer = 0.6 * buffer + grad
+        direction = orthogonalise((grad + 0.6 * buffer).reshape(len(conv), -1)).view_as(conv)
+        expected = before * (len(conv) ** 0.5 / before.norm()) - 0.05 * direction
+        torch.testing.assert_close(conv.detach(), expected)
+    for mine, theirs in zip((p for p in model.parameters() if p.ndim != 4), others):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_a_muon_fit_learns_and_resumes_exactly(tmp_path):
+    cfg = replace(CFG, optimizer="muon", muon_lr=0.1)
+    reference = tiny_model()
+    result = fit(reference, DATA, cfg, device="cpu")
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), DATA, cfg, device="cpu", hooks=[crash], checkpoint_dir=tmp_path)
+    resumed = tiny_model(seed=5)
+    fit(resumed, DATA, cfg, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert same_weights(reference, resumed)  # the momentum buffers came back with the checkpoint
+
+
+def test_progressive_resizing_trains_the_first_share_of_steps_on_smaller_crops():
+    from resnet_lessons.optim import crop_work, size_at
+
+    cfg = replace(CFG, progressive_size=12, progressive_fraction=0.4)
+    sides = [size_at(step, 10, cfg) for step in range(10)]
+    assert sides == [12] * 4 + [None] * 6
+    assert crop_work(0, 10, 10, cfg, 16, 16) == pytest.approx(4 * (12 / 16) ** 2 + 6)
+    assert crop_work(2, 7, 10, cfg, 16, 16) == pytest.approx(sum((12 * 12 / 256 if s else 1.0) for s in sides[2:7]))
+    assert crop_work(0, 10, 10, replace(cfg, progressive_size=0), 16, 16) == 10
+
+    model = tiny_model()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])) if module.training
+                                    else None)
+    result = fit(model, DATA, cfg, device="cpu")
+    total = result.total_steps
+    assert seen == [(12, 12)] * round(0.4 * total) + [(16, 16)] * (total - round(0.4 * total))
+
+
+def test_a_progressive_budget_run_plans_for_its_cheaper_first_steps(monkeypatch):
+    """Under a fake clock a step costs its pixels (10 ms at 16 px): the plan counts the 12 px steps' lower cost."""
+    import resnet_lessons.train as train_module
+
+    now = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
+    model = tiny_model()
+    model.register_forward_pre_hook(
+        lambda module, args: now.__setitem__(0, now[0] + 0.01 * args[0].shape[-1] ** 2 / 256) if module.training
+        else now.__setitem__(0, now[0] + 0.001))
+    cfg = replace(CFG, epochs=1, batch_size=10, budget_seconds=2.0, budget_probe_steps=3, progressive_size=8,
+                  progressive_fraction=0.5)
+    result = fit(model, DATA, cfg, device="cpu")
+    cheap = round(0.5 * result.total_steps)
+    assert result.stopped == "budget" and result.steps == result.total_steps
+    # all steps at full size would be about 2 s / 10 ms = 200 steps; half of them at a quarter of the cost: more
+    assert result.total_steps > 1.3 * 0.97 * 2.0 / 0.01 * 0.9
+    assert result.seconds <= cfg.budget_seconds
+    assert cheap * 0.0025 + (result.total_steps - cheap) * 0.01 <= cfg.budget_seconds

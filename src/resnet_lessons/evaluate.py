@@ -103,10 +103,13 @@ def evaluate(
 def flip_tta_accuracy(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean: Sequence[float], std: Sequence[float],
     device: str | torch.device = "cpu", batch_size: int = 1000, channels_last: bool = False, precision: str = "fp32",
+    translate: int = 0,
 ) -> tuple[float, float]:
     """Accuracy of ``model`` on uint8 ``images``: plain, and with flip test-time augmentation (the logits of
     each image and of its mirror image averaged by :func:`~resnet_lessons.metrics.average_logits`, the rule of
-    chapter 7). The model is put back in the mode it was in; no images score ``(0.0, 0.0)``."""
+    chapter 7). ``translate`` > 0 adds the image and its mirror shifted by ``translate`` pixels down-right and
+    up-left (reflect padding, as the training crops): six views, as airbench's strongest TTA. The model is put
+    back in the mode it was in; no images score ``(0.0, 0.0)``."""
     if images.shape[0] == 0:
         return 0.0, 0.0
 
@@ -114,8 +117,17 @@ def flip_tta_accuracy(
         return infer(model, batch, mean=mean, std=std, batch_size=batch_size, device=device, precision=precision,
                      channels_last=channels_last)
 
-    logits, mirrored = predict(images), predict(images.flip(-1))
-    return accuracy(logits, labels), accuracy(average_logits(logits, mirrored), labels)
+    views = [images] + (shifted(images, translate) if translate else [])
+    logits = [predict(view) for view in views] + [predict(view.flip(-1)) for view in views]
+    return accuracy(logits[0], labels), accuracy(average_logits(*logits), labels)
+
+
+def shifted(images: torch.Tensor, pixels: int) -> list[torch.Tensor]:
+    """``images`` moved ``pixels`` down-right and up-left, the uncovered border filled by reflection."""
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images.float(), (pixels,) * 4, mode="reflect").to(images.dtype)
+    far = 2 * pixels
+    return [padded[..., :height, :width], padded[..., far : far + height, far : far + width]]
 
 
 __all__ = ["EvalResult", "evaluate", "flip_tta_accuracy", "infer", "metrics_from_logits"]

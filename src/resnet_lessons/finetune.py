@@ -313,13 +313,18 @@ large step would wreck; the discriminative head can go higher because the stages
 def finetune_config(profile: Profile, strategy: str, *, image_size: int = 32, **overrides: Any) -> TrainConfig:
     """A fine-tuning recipe from a profile: SGD + Nesterov, one-cycle, a third of the profile's epochs, a
     batch of at most 128 above 64 pixels, a peak head lr of 0.1 per 128 images (times :data:`STRATEGY_LR`),
-    and random crops padded in proportion to the image size."""
+    and random crops padded in proportion to the image size, every step on whole images.
+
+    SGD even where the profile trains from scratch with Muon: Muon holds each filter bank at a fixed norm, which
+    would rescale pretrained filters at the first step, and a frozen BatchNorm (the ``linear`` strategy's, or
+    ``freeze_bn``) does not undo a rescaling. Progressive resizing is a trick for short runs from scratch; a
+    pretrained network is shown whole images, as it will be at test time."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     batch = overrides.pop("batch_size", profile.batch_size if image_size <= 64 else min(profile.batch_size, 128))
     values: dict[str, Any] = dict(
         batch_size=batch, lr=0.1 * batch / 128 * STRATEGY_LR[strategy], epochs=max(1, profile.epochs // 3),
-        crop_padding=max(1, round(4 * image_size / 32)),
+        crop_padding=max(1, round(4 * image_size / 32)), optimizer="sgd", progressive_size=0,
     )
     values.update(overrides)
     return config_from_profile(profile, **values)

@@ -22,7 +22,7 @@ from .budget import BudgetClock
 from .data import Augment, DataSplits, DeviceLoader, normalise
 from .hooks import Checkpointing, EarlyStopping, Hook, RunState
 from .models import whiten_first_conv
-from .optim import RunOptions, TrainConfig, make_optimizer
+from .optim import RunOptions, TrainConfig, crop_work, make_optimizer
 from .runtime import resolve_precision
 
 CHECKPOINT_NAME = "checkpoint.pt"  # the resumable checkpoint that fit writes into checkpoint_dir
@@ -101,8 +101,11 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
         train_model = torch.compile(train_model)  # type: ignore[assignment]  # a compiled Module is still one
     clock = None
     if cfg.budget_seconds:
+        height, width = train_loader.images.shape[2:]
+        work = partial(crop_work, cfg=cfg, height=height, width=width) if cfg.progressive_size else None
         clock = BudgetClock(cfg.budget_seconds, cfg.budget_probe_steps, cfg.batch_size, started, len(train_loader),
-                            _loader_images(val_loader), device)
+                            _loader_images(val_loader), device, work=work,
+                            provisional_total=cfg.epochs * len(train_loader))
     return Run(model=model, train_model=train_model, cfg=cfg, options=options, device=device, world=world,
                optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
                autocast=partial(runtime.autocast, precision, device), train_loader=train_loader,
@@ -130,7 +133,8 @@ def loaders(data: DataSplits, cfg: TrainConfig, options: RunOptions, device: tor
     train = data["train"]
     train_loader = DeviceLoader(
         train.images, train.labels, batch_size=cfg.batch_size // world.world_size, mean=data.mean, std=data.std,
-        device=device, train=True, augment=Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout),
+        device=device, train=True, augment=Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout,
+                                                      alternate_flip=cfg.alternate_flip),
         seed=cfg.seed, channels_last=channels_last, rank=world.rank, world_size=world.world_size,
         sample_weights=sample_weights,
     )

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import DataSplits, DeviceLoader
+from .data import DataSplits, DeviceLoader, random_window
 from .hooks import Hook, RunState, StopTraining, as_hooks, call_hooks
 from .optim import (
     RunOptions,
@@ -43,6 +43,7 @@ from .optim import (
     make_optimizer,
     options_from_profile,
     schedule_curve,
+    size_at,
 )
 from .run import CHECKPOINT_NAME, Run, builtin_hooks, checkpoint_hook, prepare, print_epoch
 from .runtime import resolve_precision  # re-exported: what cfg.precision="auto" becomes on a device
@@ -212,9 +213,13 @@ def _train_epoch(run: Run, epoch_bar: Any) -> tuple[dict[str, Any], float, float
             break
         step_start = time.perf_counter()
         # A budget run uses a provisional plan (the epochs of cfg) until its step time is known.
-        state.last_lr = lr_at(state.step, state.total_steps or cfg.epochs * run.steps_per_epoch, cfg)
+        planned = state.total_steps or cfg.epochs * run.steps_per_epoch
+        state.last_lr = lr_at(state.step, planned, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = state.last_lr * group.get("lr_scale", 1.0)
+        side = size_at(state.step, planned, cfg)
+        if side is not None:  # progressive resizing: one random window of the batch, the same for every image
+            x = random_window(x, side, torch.Generator().manual_seed(hash((cfg.seed, state.step)) & (2**63 - 1)))
         loss, logits = train_step(run.train_model, x, y, optimizer=run.optimizer, loss_fn=run.loss_fn,
                                   autocast=run.autocast, scaler=run.scaler, grad_clip=cfg.grad_clip,
                                   before_update=check_finite)

@@ -21,7 +21,7 @@ from .dataset import (
     take_per_class,
 )
 from .images import fit_image, normalise, read_image, resize, scale_and_shift, to_rgb
-from .loader import Augment, DeviceLoader, Draws, preview, torchvision_loader, torchvision_transform
+from .loader import Augment, DeviceLoader, Draws, preview, random_window, torchvision_loader, torchvision_transform
 from .sources import CIFAR10_CLASSES, default_cache_dir, load, socket_timeout
 from .subsets import few_labels, resize_splits, select_classes
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic
@@ -46,6 +46,7 @@ __all__ = [
     "make_synthetic",
     "normalise",
     "preview",
+    "random_window",
     "random_order",
     "read_image",
     "resize",

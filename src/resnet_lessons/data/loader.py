@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,11 +27,16 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation: random crop after ``crop_padding`` pixels of reflect padding, a random
-    horizontal flip, and Cutout of a ``cutout`` x ``cutout`` square (0: none) after normalisation."""
+    horizontal flip, and Cutout of a ``cutout`` x ``cutout`` square (0: none) after normalisation.
+
+    ``alternate_flip``: each image is flipped at random in the first epoch and then the other way every
+    epoch after, so that any two consecutive epochs show both its sides (Jordan 2024, "94% on CIFAR-10 in
+    3.29 seconds", section 3.6: worth about a tenth more epochs in short runs)."""
 
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
+    alternate_flip: bool = False
 
     def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> Draws:
         """The random choices for ``n`` images, one row each."""
@@ -88,6 +93,18 @@ def crop_flip(source: torch.Tensor, rows: torch.Tensor, draws: Draws, padding: i
     return windows.index_select(0, start)
 
 
+def random_window(x: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
+    """One ``side`` x ``side`` window of the batch ``x [B, C, H, W]`` at a random place, the same for every
+    image (progressive resizing's smaller training crops; a side past the image keeps that dimension whole).
+    The result is dense, in ``x``'s memory format."""
+    height, width = x.shape[-2:]
+    top = int(torch.randint(0, max(0, height - side) + 1, (1,), generator=generator))
+    left = int(torch.randint(0, max(0, width - side) + 1, (1,), generator=generator))
+    window = x[..., top : top + side, left : left + side]
+    channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return window.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def cutout_mask(draws: Draws, size: int, height: int, width: int) -> torch.Tensor:
     """Bool ``[B, 1, H, W]``: a ``size`` square centred on each draw's (cy, cx), clipped at the borders."""
     y0 = draws.cy.view(-1, 1) - size // 2
@@ -140,6 +157,8 @@ class DeviceLoader:
         n = images.shape[0]
         self.shard_size = n // world_size if train else math.ceil(n / world_size)
         self.epoch = 0
+        # alternate_flip: each image's side in even epochs, seeded by the loader's seed alone
+        self._first_flip = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank)."""
@@ -172,6 +191,8 @@ class DeviceLoader:
         for step in range(len(self)):
             rows = shard[step * self.batch_size : (step + 1) * self.batch_size]
             draws = self.augment.draw(rows.numel(), h, w, generator) if self.train else None
+            if draws is not None and self.augment.flip and self.augment.alternate_flip:
+                draws = replace(draws, flip=self._first_flip[rows] ^ bool(self.epoch % 2))
             yield rows, draws
 
     def batch(self, rows: torch.Tensor, draws: Draws | None) -> tuple[torch.Tensor, torch.Tensor]:
