@@ -20,11 +20,9 @@ the same way: by ``fit``'s validation pass after its last epoch (eval mode, insi
 5. ``bf16``: bf16 autocast and channels_last where the CPU computes bf16 natively (``precision="auto"``): a
    speed feature, not a correction. Where the CPU has no bf16 instructions it changes nothing and is not trained
    again.
-6. ``muon``: Muon for the convolution filters (``optim.MuonSGD``), SGD for the rest.
-7. ``alternate_flip``: each image flipped the other way every epoch after a random first.
-8. ``progressive``: the first half of the steps on smaller crops (``TrainConfig.progressive_size``). Rungs 6 to 8
-   are issue 18's; a rung whose change the CPU recipe does not have is its previous rung, not trained again.
-9. ``flip_tta``: test-time flips (evaluation only): rung 8's models, each image's logits averaged with its
+6. ``muon``: Muon for the convolution filters (``optim.MuonSGD``), SGD for the rest (issue 18); rung 3 steps
+   every parameter with SGD. With a CPU recipe on SGD this rung is rung 5 again and is not trained again.
+7. ``flip_tta``: test-time flips (evaluation only): rung 6's models, each image's logits averaged with its
    mirror image's (``metrics.flip_tta``, the book's one rule).
 
 The last trained rung is the ``cpu`` profile's recipe (``common.CPU_RECIPE``), checked when the script starts.
@@ -59,7 +57,7 @@ CPU_RECIPE = common.CPU_RECIPE
 # nothing in what is learned). Each rung below restores some of these fields to the CPU recipe's values.
 ARTICLE = dict(model="resnet18", model_options={}, optimizer="adam", lr=1e-3, momentum=0.9, nesterov=False,
                schedule="constant", weight_decay=0.0, batch_size=128, crop_padding=0, flip=False,
-               label_smoothing=0.0, precision="fp32", alternate_flip=False, progressive_size=0)
+               label_smoothing=0.0, precision="fp32")
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,6 @@ RUNGS = (
     Rung("label_smoothing", "label smoothing 0.2", ("label_smoothing",)),
     Rung("bf16", "bf16 autocast + channels_last where the CPU has bf16 (speed, not a correction)", ("precision",)),
     Rung("muon", "Muon for the convolution filters (orthogonalised steps at a fixed filter norm)", ("optimizer",)),
-    Rung("alternate_flip", "alternating flips: each image the other way every epoch", ("alternate_flip",)),
-    Rung("progressive", "progressive resizing: the first half of the steps on smaller crops", ("progressive_size",)),
     Rung("flip_tta", "test-time horizontal flip (evaluation only)", tta=True),
 )
 

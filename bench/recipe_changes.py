@@ -1,4 +1,4 @@
-"""What each change of the CPU recipe buys: the recipe, and the recipe without each of its changes, in one run.
+"""What each change of the CPU recipe buys: the recipe, and the recipe with each change undone or added, in one run.
 
     .venv/bin/python bench/recipe_changes.py [--budget 180] [--seeds 1] [--data ../shared/data/cifar10-train-jpeg.zip]
                                              [--out bench/results/recipe_changes.json]
@@ -9,11 +9,11 @@ everything counted (the fit and the test-time augmentation of the validation spl
 
 * ``recipe``: the ``cpu`` profile's recipe (``common.CPU_RECIPE``), scored with test-time augmentation: the mean of
   the logits of the image and of its 1-pixel shifts both ways, each with its mirror image (6 views).
-* ``no_translate_tta`` and ``no_tta``: the same models scored with flips only (2 views), and with the image alone.
+* ``-tta_shifts`` and ``-tta``: the same models scored with flips only (2 views), and with the image alone.
   Evaluation only: nothing is trained again, and the time of the views left out is not given back to the fit.
-* one arm per change of the recipe, trained again without it (:data:`CHANGES`): the recipe with that one
-  ``TrainConfig`` field set back to the value of the recipe before issue 18 (SGD with Nesterov momentum, random
-  flips, every step on whole images, the first layer learnt).
+* one arm per change tried for issue 18 (:data:`CHANGES`), trained again: ``-name`` is the recipe with a change
+  it has undone, ``+name`` the recipe with a change it does not have added. Its ``difference`` from the recipe
+  says what the change buys: minus the difference for ``-name``, the difference for ``+name``.
 
 Writes ``bench/results/recipe_changes.json``: per arm every seed's validation accuracy, its mean and spread, the
 epochs trained and the difference from the recipe's mean; and hardware, versions and date. Prints a table.
@@ -32,23 +32,23 @@ from resnet_lessons.train import TrainConfig, replace
 CPU_RECIPE = common.CPU_RECIPE
 TRANSLATE = 1  # pixels of the shifted test-time views
 
-# One arm per change: (id, what the change is, the TrainConfig fields that undo it). An arm whose change the
-# recipe does not have (its fields already at those values) is left out.
-CHANGES: tuple[tuple[str, str, dict], ...] = (
-    ("sgd", "SGD with Nesterov momentum for the convolution filters too, instead of Muon",
-     {"optimizer": "sgd"}),
-    ("no_alternate_flip", "random flips instead of alternating ones", {"alternate_flip": False}),
-    ("no_progressive", "every step on whole 32x32 images", {"progressive_size": 0}),
-    ("no_whiten", "the first convolution learnt instead of whitening", {"whiten": False}),
+# The changes tried: (name, what it is, its TrainConfig fields when on, when off). The recipe has a change when
+# its fields equal the "on" values.
+CHANGES: tuple[tuple[str, str, dict, dict], ...] = (
+    ("muon", "Muon for the convolution filters instead of SGD with Nesterov momentum",
+     {"optimizer": "muon"}, {"optimizer": "sgd"}),
+    ("alternate_flip", "alternating flips instead of random ones", {"alternate_flip": True}, {"alternate_flip": False}),
+    ("progressive", "the first half of the steps on 24x24 crops", {"progressive_size": 24}, {"progressive_size": 0}),
 )
 
 
 def arms(recipe: TrainConfig) -> list[tuple[str, str, TrainConfig]]:
-    """The retrained arms: the recipe first, then the recipe without each change it has."""
+    """The retrained arms: the recipe first, then the recipe with each change undone (``-``) or added (``+``)."""
     out = [("recipe", "the cpu profile's recipe", recipe)]
-    for name, change, undo in CHANGES:
-        if any(getattr(recipe, field) != value for field, value in undo.items()):
-            out.append((name, change, replace(recipe, **undo)))
+    for name, change, on, off in CHANGES:
+        has = all(getattr(recipe, field) == value for field, value in on.items())
+        out.append((f"-{name}" if has else f"+{name}", f"{'without' if has else 'with'}: {change}",
+                    replace(recipe, **(off if has else on))))
     return out
 
 
@@ -74,8 +74,9 @@ def main(argv=None) -> int:
         epochs, seconds = [run["epochs"] for run in runs], [run["seconds"] for run in runs]
         scored = [(name, change, "val_accuracy")]
         if name == "recipe":  # the same models, fewer test-time views
-            scored += [("no_translate_tta", "test-time flips only (2 views), not the shifts", "val_accuracy_flip_only"),
-                       ("no_tta", "no test-time augmentation (the image alone)", "val_accuracy_without_tta")]
+            scored += [("-tta_shifts", "without: the shifted test-time views (flips only, 2 views)",
+                        "val_accuracy_flip_only"),
+                       ("-tta", "without: test-time augmentation (the image alone)", "val_accuracy_without_tta")]
         for arm, what, key in scored:
             rows.append({"id": arm, "change": what, "values": [run[key] for run in runs], "epochs": epochs,
                          "seconds": seconds})
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     recipe_mean = common.spread(rows[0]["values"])["mean"]
     for row in rows:
         row.update(common.spread(row["values"]))
-        row["difference"] = row["mean"] - recipe_mean  # negative: the change buys that much
+        row["difference"] = row["mean"] - recipe_mean  # the arm against the recipe
         row["epochs_mean"] = sum(row["epochs"]) / len(row["epochs"])
 
     report = {
@@ -101,9 +102,9 @@ def main(argv=None) -> int:
         **common.record(__file__, argv),
     }
     out = common.write_json(args.out, report)
-    common.print_table(rows, [("arm", "id", "s"), ("mean", "mean", ".4f"), ("min", "min", ".4f"),
-                              ("max", "max", ".4f"), ("vs recipe", "difference", "+.4f"),
-                              ("epochs", "epochs_mean", ".2f")])
+    common.print_table(rows, [("id", "arm", ""), ("mean", "mean", ".4f"), ("min", "min", ".4f"),
+                              ("max", "max", ".4f"), ("difference", "vs recipe", "+.4f"),
+                              ("epochs_mean", "epochs", ".2f")])
     print(f"({label}; {args.budget:g} s per run, seeds {report['seeds']}); wrote {out}")
     return 0
 

@@ -9,9 +9,9 @@ scored on the same validation images.
 
 * ``cpu``: the recipe this book proposes for a 2-core CPU (:data:`CPU_RECIPE`, the ``cpu`` profile's):
   ResNet-9 (Page 2018) at half width, bf16 autocast and channels_last where the CPU has bf16 instructions,
-  the data as one uint8 tensor (DeviceLoader: crops and alternating flips per batch, the first half of the
-  steps on 24 px crops), Muon for the convolution filters and SGD with Nesterov for the rest, one-cycle, label
-  smoothing 0.2, the schedule planned to end within the budget (``train.fit(budget_seconds=...)``), then
+  the data as one uint8 tensor (DeviceLoader: crop + flip per batch), Muon for the convolution filters and SGD
+  with Nesterov for the rest, one-cycle, label smoothing 0.2, the schedule planned to end within the budget
+  (``train.fit(budget_seconds=...)``), then
   test-time augmentation (``--tta``, default: the image and its 1 px shifts both ways, each with its mirror),
   whose time is reserved out of the same budget.
 * ``article``: the article's section 5.2 code with its head bug fixed (torchvision's ResNet-18 with a

@@ -147,29 +147,21 @@ def test_time_to_accuracy_probes_a_recipe_variant_and_refuses_bad_ones(tmp_path)
         assert done.returncode == 2 and message in done.stderr
 
 
-def test_flip_tta_matches_a_hand_computation():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("translate", [0, 2])
+def test_tta_averages_the_views_made_by_hand(translate):
+    """Flips only (2 views), or flips of the image and of its shifts both ways (6 views), padded by reflection."""
+    torch.manual_seed(translate)
     model = build_model("resnet8", width=0.25).eval()
-    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
     labels = torch.randint(0, 10, (20,))
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    plain, tta = evaluate.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=7)
-    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    with torch.no_grad():
-        logits, mirrored = model(x), model(x.flip(3))
-    assert plain == pytest.approx((logits.argmax(1) == labels).float().mean().item())
-    assert tta == pytest.approx(((logits + mirrored).argmax(1) == labels).float().mean().item())
-
-
-def test_translate_tta_averages_six_views_made_by_hand():
-    torch.manual_seed(1)
-    model = build_model("resnet8", width=0.25).eval()
-    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (12,))
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    plain, tta = evaluate.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=5, translate=2)
-    padded = torch.from_numpy(np.pad(images.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect"))
-    views = [images, padded[..., :16, :16], padded[..., 4:20, 4:20]]  # moved down-right, and up-left
+    plain, tta = evaluate.flip_tta_accuracy(model, images, labels, mean=mean, std=std, batch_size=7,
+                                            translate=translate)
+    views = [images]
+    if translate:
+        pad = ((0, 0), (0, 0), (translate, translate), (translate, translate))
+        padded = torch.from_numpy(np.pad(images.numpy(), pad, mode="reflect"))
+        views += [padded[..., :16, :16], padded[..., 2 * translate :, 2 * translate :]]  # down-right, up-left
     with torch.no_grad():
         logits = [model((v.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
                   for view in views for v in (view, view.flip(3))]
@@ -178,23 +170,23 @@ def test_translate_tta_averages_six_views_made_by_hand():
 
 
 @pytest.mark.slow
-def test_recipe_changes_trains_the_recipe_and_each_change_undone(tmp_path):
+def test_recipe_changes_trains_the_recipe_and_each_change_undone_or_added(tmp_path):
     out = tmp_path / "changes.json"
     printed = run_bench("recipe_changes.py", "--data", "synthetic", "--budget", "3", "--val-per-class", "10",
                         "--out", str(out))
     result = json.loads(out.read_text())
     check_record(result, "recipe_changes.py")
+    assert result["smoke"] is True  # a test of the script: the book does not show it
     arms = {arm["id"]: arm for arm in result["arms"]}
-    assert list(arms)[:3] == ["recipe", "no_translate_tta", "no_tta"]
+    assert list(arms)[:3] == ["recipe", "-tta_shifts", "-tta"]
     recipe = result["cpu_recipe"]
-    expected = {"sgd": recipe["optimizer"] != "sgd", "no_alternate_flip": recipe["alternate_flip"],
-                "no_progressive": recipe["progressive_size"] != 0, "no_whiten": recipe["whiten"]}
-    assert {name for name, present in expected.items() if present} == set(arms) - {"recipe", "no_translate_tta",
-                                                                                    "no_tta"}
+    has = {"muon": recipe["optimizer"] == "muon", "alternate_flip": recipe["alternate_flip"],
+           "progressive": recipe["progressive_size"] == 24}
+    assert list(arms)[3:] == [("-" if present else "+") + name for name, present in has.items()]
     for arm in arms.values():
         assert all(0 <= v <= 1 for v in arm["values"]) and len(arm["values"]) == 1
         assert arm["difference"] == pytest.approx(arm["mean"] - arms["recipe"]["mean"])
-    assert "no_tta" in printed
+    assert "-tta" in printed and "vs recipe" in printed
 
 
 def test_measure_throughput_rejects_bad_settings():

@@ -152,13 +152,13 @@ OPTIMIZER_NAMES = {
 
 # The fields of a Profile that are also fields of its recipe (the rest of the recipe is TrainConfig's default).
 PROFILE_RECIPE = ("model", "model_options", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
-                  "precision", "seed", "optimizer", "muon_lr", "alternate_flip", "progressive_size")
+                  "precision", "seed", "optimizer", "muon_lr")
 
 
 def config_from_profile(profile: Profile, **overrides: Any) -> TrainConfig:
     """The recipe of a :class:`resnet_lessons.profiles.Profile`: TrainConfig's one-cycle schedule, at the profile's
-    model, epochs, batch size, peak lr, weight decay, label smoothing, precision, optimiser (SGD with Nesterov,
-    or Muon for the filters), alternating flips and progressive resizing (:data:`PROFILE_RECIPE`)."""
+    model, epochs, batch size, peak lr, weight decay, label smoothing, precision and optimiser (SGD with
+    Nesterov, or Muon for the filters): :data:`PROFILE_RECIPE`."""
     unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise TypeError(f"TrainConfig has no field(s) {sorted(unknown)}")

@@ -55,8 +55,6 @@ class Profile:
     precision: str = "auto"  # TrainConfig.precision: "auto" is bf16 where the hardware computes it natively
     optimizer: str = "sgd"  # TrainConfig.optimizer: "muon" steps the convolution filters with Muon (optim.MuonSGD)
     muon_lr: float = 0.1  # with "muon": the filters' peak learning rate
-    alternate_flip: bool = False  # flip each training image the other way every epoch after a random first
-    progressive_size: int = 0  # the first half of the steps train on crops of this side (px); 0: whole images
 
     def data_sizes(self) -> DataSizes:
         """The keyword arguments of :func:`resnet_lessons.data.load` that size the splits."""
@@ -113,12 +111,10 @@ PROFILES: dict[str, Profile] = {
         reference_seconds=180.0,
         # Half-width ResNet-9 in bf16: the best of the probes in bench/time_to_accuracy.py on 2 cores.
         model_options={"width": 0.5},
-        # Issue 18's probes (bench/results/recipe_changes.json, chapter 14): Muon for the filters, alternating
-        # flips, and the first half of the steps on 24 px crops, which cost about (24/32)^2 of a step.
+        # Issue 18 (bench/results/recipe_changes.json, chapter 14): Muon for the filters paid; alternating flips
+        # and progressive resizing did not at 180 s (bench/results/probes/), so the recipe leaves them out.
         optimizer="muon",
         muon_lr=0.1,
-        alternate_flip=True,
-        progressive_size=24,
     ),
     "gpu": Profile(
         name="gpu",
