@@ -11,9 +11,8 @@ scored on the same validation images.
   ResNet-9 (Page 2018) at half width, bf16 autocast and channels_last where the CPU has bf16 instructions,
   the data as one uint8 tensor (DeviceLoader: crop + flip per batch), Muon for the convolution filters and SGD
   with Nesterov for the rest, one-cycle, label smoothing 0.2, the schedule planned to end within the budget
-  (``train.fit(budget_seconds=...)``), then
-  test-time augmentation (``--tta``, default: the image and its 1 px shifts both ways, each with its mirror),
-  whose time is reserved out of the same budget.
+  (``train.fit(budget_seconds=...)``), then test-time augmentation (``--tta``, default: the image and its 1 px
+  shifts both ways, each with its mirror), whose time is reserved out of the same budget.
 * ``article``: the article's section 5.2 code with its head bug fixed (torchvision's ResNet-18 with a
   10-class ``fc``, random initialisation: no weights can be downloaded here), Adam at 1e-3, no
   augmentation, batch 128, normalisation (0.5, 0.5, 0.5), the torchvision ``DataLoader`` with PIL
