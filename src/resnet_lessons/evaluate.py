@@ -17,6 +17,7 @@ from torch import nn
 
 from . import runtime
 from .data.images import normalise
+from .data.loader import padded_source
 from .metrics import accuracy, average_logits, per_class_recall
 
 
@@ -125,7 +126,7 @@ def flip_tta_accuracy(
 def shifted(images: torch.Tensor, pixels: int) -> list[torch.Tensor]:
     """``images`` moved ``pixels`` down-right and up-left, the uncovered border filled by reflection."""
     height, width = images.shape[-2:]
-    padded = torch.nn.functional.pad(images.float(), (pixels,) * 4, mode="reflect").to(images.dtype)
+    padded = padded_source(images, pixels, flip=False)  # the training crops' reflect padding
     far = 2 * pixels
     return [padded[..., :height, :width], padded[..., far : far + height, far : far + width]]
 
