@@ -4,17 +4,16 @@
     .venv/bin/python bench/throughput.py --no-compile    # without torch.compile (slow to compile on a CPU)
     .venv/bin/python bench/throughput.py --smoke --out /tmp/t.json   # seconds: the test's configuration
 
-Models: resnet8, resnet20, resnet56, ResNet-18 with the CIFAR stem (at a quarter of its width on the
-CPU, full width on a GPU: ``--resnet18-width``) and ResNet-9 at half width (the cpu profile's network).
-For each model, one speed feature at a time against the plain baseline (fp32, NCHW, eager):
-channels_last, bf16 autocast, fp16 autocast (GPU only), torch.compile, and all that help together
-(channels_last + bf16 also on a CPU with bf16 in hardware). For one model (``--focus``: resnet9 on the
-CPU, resnet18 on a GPU): batch sizes 64/128/256/512, the torchvision DataLoader (0 and 2 workers)
-instead of the DeviceLoader feeding the same model, and torch's CPU thread count (CPU only). Each
-configuration runs in a fresh process, so peak
-memory is its own (CUDA ``max_memory_allocated``; on the CPU the peak resident set from ``getrusage``) and
-no setting leaks into the next. Each times ``--steps`` steps after ``--warmup`` steps (compiling happens in
-the warm-up, reported apart). Prints a table and writes bench/results/throughput.json.
+Models: resnet8, resnet20, resnet56, ResNet-18 with the CIFAR stem (at a quarter of its width on the CPU, full
+width on a GPU: ``--resnet18-width``) and ResNet-9 at half width (the cpu profile's network). For each model,
+one speed feature at a time against the plain baseline (fp32, NCHW, eager): channels_last, bf16 autocast, fp16
+autocast (GPU only), torch.compile, and all that help together (channels_last + bf16, with and without
+torch.compile, also on a CPU with bf16 in hardware). For one model (``--focus``: resnet9 on the CPU, resnet18
+on a GPU): batch sizes 64/128/256/512, the torchvision DataLoader (0 and 2 workers) instead of the
+DeviceLoader feeding the same model, and torch's CPU thread count (CPU only). Each configuration runs in a
+fresh process, so peak memory is its own (CUDA ``max_memory_allocated``; on the CPU the peak resident set from
+``getrusage``) and no setting leaks into the next. Each times ``--steps`` steps after ``--warmup`` steps
+(compiling happens in the warm-up, reported apart). Prints a table and writes bench/results/throughput.json.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def plan(args: argparse.Namespace, device: torch.device, threads: int) -> list[d
     features = ["baseline", "channels_last", "bf16"] + (["fp16"] if cuda else [])
     features += ["channels_last+bf16"] if cuda or fast_bf16 else []
     if args.compile:
-        features += ["compile", "channels_last+bf16+compile"] if cuda else ["compile"]
+        features += ["compile"] + (["channels_last+bf16+compile"] if cuda or fast_bf16 else [])
     if args.features:
         features = [f for f in args.features if args.compile or not FEATURES[f][2]]
     sweep_base = "channels_last+bf16" if cuda or fast_bf16 else "baseline"  # the sweeps vary one thing from here
