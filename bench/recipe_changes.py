@@ -1,7 +1,7 @@
 """What each change of the CPU recipe buys: the recipe, and the recipe with each change undone or added, in one run.
 
     .venv/bin/python bench/recipe_changes.py [--budget 180] [--seeds 1] [--data ../shared/data/cifar10-train-jpeg.zip]
-                                             [--out bench/results/recipe_changes.json]
+                                             [--changes muon lookahead ...] [--out bench/results/recipe_changes.json]
 
 Every arm trains with ``time_to_accuracy.run_cpu_recipe``: the same images (45,000 for training and 5,000
 validation images carved out with seed 0, the split of ``time_to_accuracy.py``), the same budget with
@@ -22,6 +22,7 @@ epochs trained and the difference from the recipe's mean; and hardware, versions
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import common
 from time_to_accuracy import run_cpu_recipe
@@ -39,13 +40,20 @@ CHANGES: tuple[tuple[str, str, dict, dict], ...] = (
      {"optimizer": "muon"}, {"optimizer": "sgd"}),
     ("alternate_flip", "alternating flips instead of random ones", {"alternate_flip": True}, {"alternate_flip": False}),
     ("progressive", "the first half of the steps on 24x24 crops", {"progressive_size": 24}, {"progressive_size": 0}),
+    ("lookahead", "Lookahead every 5 steps (airbench94's weight averaging)", {"lookahead_every": 5},
+     {"lookahead_every": 0}),
+    ("frozen_bn_scale", "BatchNorm scales frozen at 1, only the shifts trained", {"freeze_bn_scale": True},
+     {"freeze_bn_scale": False}),
 )
 
 
-def arms(recipe: TrainConfig) -> list[tuple[str, str, TrainConfig]]:
-    """The retrained arms: the recipe first, then the recipe with each change undone (``-``) or added (``+``)."""
+def arms(recipe: TrainConfig, only: Sequence[str] | None = None) -> list[tuple[str, str, TrainConfig]]:
+    """The retrained arms: the recipe first, then the recipe with each change (of ``only``, default all) undone
+    (``-``) or added (``+``)."""
     out = [("recipe", "the cpu profile's recipe", recipe)]
     for name, change, on, off in CHANGES:
+        if only is not None and name not in only:
+            continue
         has = all(getattr(recipe, field) == value for field, value in on.items())
         out.append((f"-{name}" if has else f"+{name}", f"{'without' if has else 'with'}: {change}",
                     replace(recipe, **(off if has else on))))
@@ -59,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(common.SHARED_ZIP), help="the image source (default: the shared zip)")
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--changes", nargs="+", choices=[name for name, *_ in CHANGES], default=None,
+                        help="only these changes (default: all), each beside the recipe")
     parser.add_argument("--out", default=str(common.RESULTS / "recipe_changes.json"))
     args = parser.parse_args(argv)
     if args.budget <= 0 or args.seeds < 1:
@@ -68,7 +78,7 @@ def main(argv=None) -> int:
     label = common.data_label(data)
 
     rows: list[dict] = []
-    for name, change, recipe in arms(CPU_RECIPE):
+    for name, change, recipe in arms(CPU_RECIPE, args.changes):
         runs = [run_cpu_recipe(data, args.budget, seed, recipe=recipe, tta=True, translate=TRANSLATE)
                 for seed in range(args.seeds)]
         epochs, seconds = [run["epochs"] for run in runs], [run["seconds"] for run in runs]

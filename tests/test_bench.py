@@ -181,12 +181,16 @@ def test_recipe_changes_trains_the_recipe_and_each_change_undone_or_added(tmp_pa
     assert list(arms)[:3] == ["recipe", "-tta_shifts", "-tta"]
     recipe = result["cpu_recipe"]
     has = {"muon": recipe["optimizer"] == "muon", "alternate_flip": recipe["alternate_flip"],
-           "progressive": recipe["progressive_size"] == 24}
+           "progressive": recipe["progressive_size"] == 24, "lookahead": recipe["lookahead_every"] == 5,
+           "frozen_bn_scale": recipe["freeze_bn_scale"]}
     assert list(arms)[3:] == [("-" if present else "+") + name for name, present in has.items()]
     for arm in arms.values():
         assert all(0 <= v <= 1 for v in arm["values"]) and len(arm["values"]) == 1
         assert arm["difference"] == pytest.approx(arm["mean"] - arms["recipe"]["mean"])
     assert "-tta" in printed and "vs recipe" in printed
+    run_bench("recipe_changes.py", "--data", "synthetic", "--budget", "2", "--val-per-class", "10",
+              "--changes", "lookahead", "--out", str(out))
+    assert [arm["id"][1:] for arm in json.loads(out.read_text())["arms"][3:]] == ["lookahead"]
 
 
 def test_measure_throughput_rejects_bad_settings():

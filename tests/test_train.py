@@ -578,3 +578,62 @@ def test_a_progressive_budget_run_plans_for_its_cheaper_first_steps(monkeypatch)
     assert result.total_steps > 1.3 * 0.97 * 2.0 / 0.01 * 0.9
     assert result.seconds <= cfg.budget_seconds
     assert cheap * 0.0025 + (result.total_steps - cheap) * 0.01 <= cfg.budget_seconds
+
+
+def test_lookahead_follows_its_rule_step_by_step():
+    from resnet_lessons.optim import Lookahead
+
+    net = nn.Linear(1, 1, bias=False)
+    lookahead = Lookahead(net, every=2)
+    slow, total = 0.0, 8
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+        lookahead.load_state_dict({"weight": torch.zeros(1, 1)})
+        for step in range(1, total + 1):
+            net.weight.add_(1.0)  # an optimiser step
+            live = net.weight.item()
+            lookahead.step(step, total)
+            if step % 2 == 0:  # slow = d * slow + (1 - d) * live, then live = slow
+                decay = 0.95 ** 2 * (step / total) ** 3
+                slow = decay * slow + (1 - decay) * live
+                assert net.weight.item() == pytest.approx(slow)
+            else:
+                assert net.weight.item() == pytest.approx(live)
+        net.weight.add_(1.0)  # a step after the last pull is dropped by finish
+    lookahead.finish()
+    assert net.weight.item() == pytest.approx(slow)
+    assert slow < total  # the average lags the live weights
+
+
+def test_a_lookahead_fit_ends_on_the_slow_weights_and_resumes_exactly(tmp_path):
+    from resnet_lessons.evaluate import evaluate
+
+    cfg = replace(CFG, lookahead_every=3)  # 8 steps an epoch: a checkpoint falls between two pulls
+    reference = tiny_model()
+    result = fit(reference, DATA, cfg, device="cpu")
+    plain = tiny_model()
+    fit(plain, DATA, CFG, device="cpu")
+    assert not same_weights(reference, plain)  # the averaging changed the weights
+    val = DATA.val
+    scored = evaluate(reference, val.images, val.labels, classes=DATA.classes, mean=DATA.mean, std=DATA.std)
+    assert scored.accuracy == pytest.approx(result.history["val_accuracy"].iloc[-1])  # validated as kept
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), DATA, cfg, device="cpu", hooks=[crash], checkpoint_dir=tmp_path)
+    resumed = tiny_model(seed=5)
+    fit(resumed, DATA, cfg, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert same_weights(reference, resumed)  # the slow weights came back with the checkpoint
+    with pytest.raises(ValueError, match="lookahead_every must be at least 0"):
+        replace(CFG, lookahead_every=-1)
+
+
+def test_frozen_batchnorm_scales_stay_at_one_while_their_shifts_train():
+    model = tiny_model()
+    fit(model, DATA, replace(CFG, epochs=1, freeze_bn_scale=True), device="cpu")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert any(m.bias.abs().sum() > 0 for m in norms)  # the shifts (0 at initialisation) moved

@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 penalty (SGD, Adam) or decoupled decay (AdamW) per step
     decay_norm_and_bias: bool = False  # also decay BatchNorm and bias parameters (off: they do not overfit)
     grad_clip: float | None = None  # clip the global gradient norm to this value; None: no clipping
+    freeze_bn_scale: bool = False  # BatchNorm scales stay at 1 and only the shifts train (Page 2018, airbench94)
     # schedule (a pure function of the step: see lr_at)
     schedule: Schedule = "onecycle"  # "onecycle", "cosine" (with warm-up), "step" (the paper), "constant"
     warmup_fraction: float = 0.2  # share of all steps spent warming up (onecycle, cosine)
@@ -77,6 +78,8 @@ class TrainConfig:
     progressive_size: int = 0  # side (px) of the crops of the first `progressive_fraction` of steps; 0: off
     progressive_fraction: float = 0.5  # share of all steps that train on progressive_size crops
     cutout: int = 0  # side of a random square blanked out; 0: none
+    # weight averaging: Lookahead as airbench94 schedules it (:class:`Lookahead`)
+    lookahead_every: int = 0  # steps between pulls of the weights to their slow average (airbench94: 5); 0: off
     # speed ("auto": bf16 + channels_last where the hardware computes bf16, fp16 on older GPUs, else fp32)
     precision: Precision = "auto"  # autocast: bf16, or fp16 with a gradient scaler (train.resolve_precision)
     channels_last: bool | None = None  # NHWC memory layout; None: on with CUDA or with bf16 on a CPU
@@ -105,6 +108,8 @@ class TrainConfig:
         if self.progressive_size < 0 or not 0 <= self.progressive_fraction <= 1:
             problems.append(f"progressive_size must be at least 0 and progressive_fraction in [0, 1], got "
                             f"{self.progressive_size} and {self.progressive_fraction}")
+        if self.lookahead_every < 0:
+            problems.append(f"lookahead_every must be at least 0 (0: off), got {self.lookahead_every}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if problems:
@@ -363,9 +368,54 @@ class MuonSGD(torch.optim.Optimizer):
                 p.add_(direction, alpha=-group["lr"])
 
 
+# --- Lookahead: the weights pulled to a slow average of themselves -------------------------------------
+
+
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) as airbench94 schedules it: a slow copy of the model's floating-point state
+    (weights and BatchNorm statistics). After every ``every``-th step the slow copy moves toward the live state,
+    ``slow = d * slow + (1 - d) * live``, and the live state is reset to it, with ``d = 0.95**every * progress**3``:
+    early steps (``d`` near 0) are hardly averaged, the last ones over about the last 20 steps. :meth:`finish`
+    leaves the model on the slow copy (the steps since the last pull are dropped, as in airbench94)."""
+
+    base = 0.95  # the decay per step at the end of the run (airbench94)
+
+    def __init__(self, model: nn.Module, every: int) -> None:
+        self.every = every
+        self.live = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+        self.slow = {name: t.detach().clone() for name, t in self.live.items()}
+
+    def decay_at(self, step: int, total: int) -> float:
+        return self.base ** self.every * min(1.0, step / max(1, total)) ** 3
+
+    @torch.no_grad()
+    def step(self, step: int, total: int) -> None:
+        """After optimiser step number ``step`` (counted from 1) of a run of ``total`` steps."""
+        if step % self.every:
+            return
+        decay = self.decay_at(step, total)
+        for name, live in self.live.items():
+            self.slow[name].lerp_(live, 1.0 - decay)
+            live.copy_(self.slow[name])
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for name, live in self.live.items():
+            live.copy_(self.slow[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.slow)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, slow in self.slow.items():
+                slow.copy_(state[name])
+
+
 __all__ = [
     "OPTIMIZER_NAMES",
     "PROFILE_RECIPE",
+    "Lookahead",
     "MuonSGD",
     "RunOptions",
     "TrainConfig",

@@ -22,7 +22,7 @@ from .budget import BudgetClock
 from .data import Augment, DataSplits, DeviceLoader, normalise
 from .hooks import Checkpointing, EarlyStopping, Hook, RunState
 from .models import whiten_first_conv
-from .optim import RunOptions, TrainConfig, crop_work, make_optimizer
+from .optim import Lookahead, RunOptions, TrainConfig, crop_work, make_optimizer
 from .runtime import resolve_precision
 
 CHECKPOINT_NAME = "checkpoint.pt"  # the resumable checkpoint that fit writes into checkpoint_dir
@@ -39,6 +39,7 @@ class Run:
     device: torch.device
     world: distributed.World
     optimizer: torch.optim.Optimizer
+    lookahead: Lookahead | None  # the slow weights, when cfg.lookahead_every asks for them
     scaler: torch.amp.GradScaler | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     autocast: Callable[[], Any]
@@ -83,10 +84,13 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
             )
     if cfg.whiten:
         _whiten(model, data, cfg.seed)
+    if cfg.freeze_bn_scale:
+        _freeze_bn_scales(model)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, param_groups)
+    lookahead = Lookahead(model, cfg.lookahead_every) if cfg.lookahead_every else None
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     elif isinstance(loss_fn, nn.Module):
@@ -94,7 +98,7 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = RunState(total_steps=None if cfg.budget_seconds else cfg.epochs * len(train_loader))
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = resume_state(checkpoint_path, model, optimizer, scaler, cfg, device)
+        state = resume_state(checkpoint_path, model, optimizer, scaler, cfg, device, lookahead)
         started -= state.seconds  # a budget counts the time already spent
     train_model = distributed.wrap_model(model, device)
     if options.compile:
@@ -107,10 +111,17 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
                             _loader_images(val_loader), device, work=work,
                             provisional_total=cfg.epochs * len(train_loader))
     return Run(model=model, train_model=train_model, cfg=cfg, options=options, device=device, world=world,
-               optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
+               optimizer=optimizer, lookahead=lookahead, scaler=scaler, loss_fn=loss_fn,
                autocast=partial(runtime.autocast, precision, device), train_loader=train_loader,
                val_loader=val_loader, state=state, started=started, checkpoint_path=checkpoint_path, clock=clock,
                bars=not options.quiet and world.is_main and _progress_bars())
+
+
+def _freeze_bn_scales(model: nn.Module) -> None:
+    """``cfg.freeze_bn_scale``: every BatchNorm keeps its scale (1 unless the caller set it); its shift trains."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            module.weight.requires_grad_(False)
 
 
 WHITEN_IMAGES = 1000  # training images whose 3x3 patches (900 each) set the whitening filters
@@ -163,6 +174,7 @@ def checkpoint_hook(run: Run, data: DataSplits) -> Checkpointing | None:
     def save(path: Path) -> None:
         train_state = {"config": run.cfg.as_dict(), "optimizer": run.optimizer.state_dict(),
                        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                       "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
                        **run.state.as_dict(), "rng": checkpoints.rng_state(run.device),
                        "seconds": time.perf_counter() - run.started}
         payload = checkpoints.make_checkpoint(
@@ -175,10 +187,13 @@ def checkpoint_hook(run: Run, data: DataSplits) -> Checkpointing | None:
 
 
 def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-            cfg: TrainConfig, device: torch.device) -> RunState:
-    """The run state to continue from; the checkpoint's weights, optimiser, scaler and RNG states are loaded."""
+            cfg: TrainConfig, device: torch.device, lookahead: Lookahead | None = None) -> RunState:
+    """The run state to continue from; the checkpoint's weights, optimiser, scaler, slow weights and RNG states
+    are loaded."""
     train_state, history = checkpoints.load_training(path, model, optimizer, scaler, cfg.as_dict(), device,
                                                      defaults=TrainConfig().as_dict())
+    if lookahead is not None:  # the recipe check above has made sure the checkpoint's run had them too
+        lookahead.load_state_dict(train_state["lookahead"])
     return RunState.from_checkpoint(train_state, history)
 
 

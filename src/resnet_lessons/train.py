@@ -224,6 +224,8 @@ def _train_epoch(run: Run, epoch_bar: Any) -> tuple[dict[str, Any], float, float
                                   autocast=run.autocast, scaler=run.scaler, grad_clip=cfg.grad_clip,
                                   before_update=check_finite)
         state.step += 1
+        if run.lookahead is not None:
+            run.lookahead.step(state.step, planned)
         state.images_seen += y.numel() * run.world.world_size
         sums[0] += loss.double() * y.numel()
         sums[1] += (logits.argmax(1) == y).sum()
@@ -240,6 +242,9 @@ def _train_epoch(run: Run, epoch_bar: Any) -> tuple[dict[str, Any], float, float
     step_bar.close()
     if bool(distributed.all_reduce_max(bad.float()) > 0):
         _diverged(state, run.steps_per_epoch - 1, run.checkpoint_path)
+    if run.lookahead is not None and (
+            state.stopped == "over_budget" or state.total_steps is not None and state.step >= state.total_steps):
+        run.lookahead.finish()  # the last epoch is validated (and kept) on the slow weights
     sums = distributed.all_reduce_sum(sums).cpu()
     count = max(1.0, float(sums[2]))
     row = {"epoch": state.epoch + 1, "step": state.step, "lr": state.last_lr,
