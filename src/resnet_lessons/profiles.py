@@ -112,7 +112,8 @@ PROFILES: dict[str, Profile] = {
         # Half-width ResNet-9 in bf16: the best of the probes in bench/time_to_accuracy.py on 2 cores.
         model_options={"width": 0.5},
         # Issue 18 (bench/results/recipe_changes.json, chapter 14): Muon for the filters paid; alternating flips
-        # and progressive resizing did not at 180 s (bench/results/probes/), so the recipe leaves them out.
+        # and progressive resizing did not at 180 s (bench/results/probes/), nor Lookahead and frozen BatchNorm
+        # scales at 600 s (recipe_changes_600.json), so the recipe leaves them out.
         optimizer="muon",
         muon_lr=0.1,
     ),
