@@ -38,6 +38,20 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def interrupted_and_resumed(cfg: TrainConfig, tmp_path) -> nn.Module:
+    """A fit of ``cfg`` interrupted after its checkpoint of epoch 1, resumed into a differently seeded model."""
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), DATA, cfg, device="cpu", hooks=[crash], checkpoint_dir=tmp_path)
+    resumed = tiny_model(seed=5)
+    fit(resumed, DATA, cfg, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    return resumed
+
+
 # --- schedules and optimiser ---------------------------------------------------------------------
 
 
@@ -528,15 +542,7 @@ def test_a_muon_fit_learns_and_resumes_exactly(tmp_path):
     reference = tiny_model()
     result = fit(reference, DATA, cfg, device="cpu")
     assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
-
-    def crash(row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(), DATA, cfg, device="cpu", hooks=[crash], checkpoint_dir=tmp_path)
-    resumed = tiny_model(seed=5)
-    fit(resumed, DATA, cfg, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    resumed = interrupted_and_resumed(cfg, tmp_path)
     assert same_weights(reference, resumed)  # the momentum buffers came back with the checkpoint
 
 
@@ -617,15 +623,7 @@ def test_a_lookahead_fit_ends_on_the_slow_weights_and_resumes_exactly(tmp_path):
     val = DATA.val
     scored = evaluate(reference, val.images, val.labels, classes=DATA.classes, mean=DATA.mean, std=DATA.std)
     assert scored.accuracy == pytest.approx(result.history["val_accuracy"].iloc[-1])  # validated as kept
-
-    def crash(row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(), DATA, cfg, device="cpu", hooks=[crash], checkpoint_dir=tmp_path)
-    resumed = tiny_model(seed=5)
-    fit(resumed, DATA, cfg, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    resumed = interrupted_and_resumed(cfg, tmp_path)
     assert same_weights(reference, resumed)  # the slow weights came back with the checkpoint
     with pytest.raises(ValueError, match="lookahead_every must be at least 0"):
         replace(CFG, lookahead_every=-1)
