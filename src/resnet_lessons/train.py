@@ -3,7 +3,8 @@
 What the weights become is decided by the recipe, a :class:`TrainConfig` (read it top to bottom in
 :mod:`resnet_lessons.optim`); how the run is watched, stopped and kept by its :class:`RunOptions`. The loop is
 plain: for each epoch (:func:`_train_epoch`), for each batch, set the learning rate from the schedule and take
-one :func:`train_step` (forward, loss, backward, clip, update); then (:func:`_end_epoch`) evaluate on the
+one :func:`train_step` (forward, loss, backward, clip, update; with ``cfg.lookahead_every``, a pull of the
+weights to their slow average, :class:`resnet_lessons.optim.Lookahead`); then (:func:`_end_epoch`) evaluate on the
 validation split, record a history row, call the hooks (early stopping among them, :mod:`resnet_lessons.hooks`),
 write a checkpoint. Its parts are set up by :mod:`resnet_lessons.run`. Three things make it trustworthy:
 
