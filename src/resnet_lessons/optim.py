@@ -396,10 +396,11 @@ class Lookahead:
         decay = self.decay_at(step, total)
         for name, live in self.live.items():
             self.slow[name].lerp_(live, 1.0 - decay)
-            live.copy_(self.slow[name])
+        self.finish()
 
     @torch.no_grad()
     def finish(self) -> None:
+        """The live state set to the slow copy."""
         for name, live in self.live.items():
             live.copy_(self.slow[name])
 
