@@ -44,6 +44,10 @@ CHANGES: tuple[tuple[str, str, dict, dict], ...] = (
      {"lookahead_every": 0}),
     ("frozen_bn_scale", "BatchNorm scales frozen at 1, only the shifts trained", {"freeze_bn_scale": True},
      {"freeze_bn_scale": False}),
+    ("bn_momentum", "BatchNorm statistics with momentum 0.4 (airbench94's) instead of torch's 0.1",
+     {"bn_momentum": 0.4}, {"bn_momentum": None}),
+    ("dirac_init", "3x3 filters that start as identities where they can (airbench94's Dirac init)",
+     {"dirac_init": True}, {"dirac_init": False}),
 )
 
 

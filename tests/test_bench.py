@@ -182,7 +182,8 @@ def test_recipe_changes_trains_the_recipe_and_each_change_undone_or_added(tmp_pa
     recipe = result["cpu_recipe"]
     has = {"muon": recipe["optimizer"] == "muon", "alternate_flip": recipe["alternate_flip"],
            "progressive": recipe["progressive_size"] == 24, "lookahead": recipe["lookahead_every"] == 5,
-           "frozen_bn_scale": recipe["freeze_bn_scale"]}
+           "frozen_bn_scale": recipe["freeze_bn_scale"], "bn_momentum": recipe["bn_momentum"] == 0.4,
+           "dirac_init": recipe["dirac_init"]}
     assert list(arms)[3:] == [("-" if present else "+") + name for name, present in has.items()]
     for arm in arms.values():
         assert all(0 <= v <= 1 for v in arm["values"]) and len(arm["values"]) == 1

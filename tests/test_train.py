@@ -635,3 +635,45 @@ def test_frozen_batchnorm_scales_stay_at_one_while_their_shifts_train():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
     assert any(m.bias.abs().sum() > 0 for m in norms)  # the shifts (0 at initialisation) moved
+
+
+def test_bn_momentum_sets_the_weight_of_each_batch_in_the_running_statistics():
+    model = tiny_model()
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    batch_means = []  # the per-channel mean of every training batch the first BatchNorm normalises
+    norm.register_forward_pre_hook(
+        lambda module, args: batch_means.append(args[0].detach().double().mean((0, 2, 3))) if module.training
+        else None)
+    fit(model, DATA, replace(CFG, epochs=1, bn_momentum=0.4), device="cpu")
+    assert all(m.momentum == 0.4 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+    def running(weight):
+        mean = torch.zeros_like(batch_means[0])
+        for batch in batch_means:
+            mean = (1 - weight) * mean + weight * batch
+        return mean
+
+    assert len(batch_means) == len(DATA["train"]) // CFG.batch_size
+    assert torch.allclose(norm.running_mean.double(), running(0.4), atol=1e-5)
+    assert not torch.allclose(norm.running_mean.double(), running(0.1), atol=1e-3)  # torch's default differs
+
+
+def test_dirac_init_starts_each_convolution_passing_its_inputs_through():
+    model, reference = tiny_model(), tiny_model()  # the same seed: the same default initialisation
+    first_weights = {}  # each 3x3 convolution's filters at its first training forward, before any step
+
+    def keep(module, args):
+        first_weights.setdefault(module, module.weight.detach().clone())
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    for conv in convs:
+        conv.register_forward_pre_hook(keep)
+    fit(model, DATA, replace(CFG, epochs=1, dirac_init=True), device="cpu")
+    originals = [m.weight for m in reference.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs and len(first_weights) == len(convs) == len(originals)
+    for conv, original in zip(convs, originals):
+        weight, kept = first_weights[conv], min(conv.in_channels, conv.out_channels)
+        x = torch.randn(2, conv.in_channels, 6, 6)
+        out = nn.functional.conv2d(x, weight, padding=1)
+        assert torch.allclose(out[:, :kept], x[:, :kept])  # the first filters copy their input channel
+        assert torch.equal(weight[kept:], original[kept:])  # the others keep their initialisation

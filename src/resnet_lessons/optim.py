@@ -59,6 +59,9 @@ class TrainConfig:
     decay_norm_and_bias: bool = False  # also decay BatchNorm and bias parameters (off: they do not overfit)
     grad_clip: float | None = None  # clip the global gradient norm to this value; None: no clipping
     freeze_bn_scale: bool = False  # BatchNorm scales stay at 1 and only the shifts train (Page 2018, airbench94)
+    # weight of each new batch in BatchNorm's running statistics (torch's `momentum`); None: the model's own
+    # (torch's default 0.1). airbench94 uses 0.4: a network that changes fast needs statistics that keep up
+    bn_momentum: float | None = None
     # schedule (a pure function of the step: see lr_at)
     schedule: Schedule = "onecycle"  # "onecycle", "cosine" (with warm-up), "step" (the paper), "constant"
     warmup_fraction: float = 0.2  # share of all steps spent warming up (onecycle, cosine)
@@ -70,6 +73,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # target smoothing epsilon in the cross-entropy (0.1 is usual)
     # initialisation from the data
     whiten: bool = False  # conv1 whitens 3x3 patches of 1,000 training images, frozen (models.whiten_first_conv)
+    # every 3x3 convolution's first filters (as many as it has inputs) start as identities, the rest as
+    # initialised (airbench94's Dirac init: each layer starts close to passing its input through)
+    dirac_init: bool = False
     # augmentation (DeviceLoader's Augment)
     crop_padding: int = 4  # random crop after zero padding by this many pixels; 0: no crop
     flip: bool = True  # random horizontal flips
@@ -108,6 +114,8 @@ class TrainConfig:
         if self.progressive_size < 0 or not 0 <= self.progressive_fraction <= 1:
             problems.append(f"progressive_size must be at least 0 and progressive_fraction in [0, 1], got "
                             f"{self.progressive_size} and {self.progressive_fraction}")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            problems.append(f"bn_momentum must be in (0, 1] or None (the model's own), got {self.bn_momentum}")
         if self.lookahead_every < 0:
             problems.append(f"lookahead_every must be at least 0 (0: off), got {self.lookahead_every}")
         if not 0 <= self.label_smoothing < 1:

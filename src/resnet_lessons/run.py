@@ -82,10 +82,11 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
             raise FileExistsError(
                 f"{checkpoint_path} already exists; resume it (resume=True) or choose another checkpoint_dir"
             )
+    if cfg.dirac_init:
+        _dirac_init(model)
     if cfg.whiten:
         _whiten(model, data, cfg.seed)
-    if cfg.freeze_bn_scale:
-        _freeze_bn_scales(model)
+    _set_batchnorm(model, cfg)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -117,11 +118,25 @@ def prepare(model: nn.Module, data: DataSplits, cfg: TrainConfig, options: RunOp
                bars=not options.quiet and world.is_main and _progress_bars())
 
 
-def _freeze_bn_scales(model: nn.Module) -> None:
-    """``cfg.freeze_bn_scale``: every BatchNorm keeps its scale (1 unless the caller set it); its shift trains."""
+def _set_batchnorm(model: nn.Module, cfg: TrainConfig) -> None:
+    """``cfg.freeze_bn_scale``: every BatchNorm keeps its scale (1 unless the caller set it) and its shift trains.
+    ``cfg.bn_momentum``: every BatchNorm's running statistics take that weight of each new batch."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if cfg.freeze_bn_scale and module.weight is not None:
             module.weight.requires_grad_(False)
+        if cfg.bn_momentum is not None:
+            module.momentum = cfg.bn_momentum
+
+
+@torch.no_grad()
+def _dirac_init(model: nn.Module) -> None:
+    """``cfg.dirac_init``: in every 3x3 convolution, filter ``i`` of the first ``in_channels`` becomes the
+    identity on input channel ``i`` (``nn.init.dirac_``); the other filters keep their initialisation."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.groups == 1:
+            nn.init.dirac_(module.weight[:module.in_channels])
 
 
 WHITEN_IMAGES = 1000  # training images whose 3x3 patches (900 each) set the whitening filters
