@@ -6,6 +6,7 @@ reader runs it.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,42 @@ def test_measure_throughput_rejects_bad_settings():
         speed.measure_throughput(model, 8, 1, precision="fp8")
     with pytest.raises(ValueError, match="loader .ffcv."):
         speed.measure_throughput(model, 8, 1, loader="ffcv")
+
+
+@pytest.mark.parametrize("name, group", [
+    ("aten::convolution_backward", "convolution backward"),
+    ("autograd::engine::evaluate_function: ConvolutionBackward0", "convolution backward"),
+    ("aten::mkldnn_convolution", "convolution forward"), ("aten::conv2d", "convolution forward"),
+    ("aten::native_batch_norm_backward", "BatchNorm"), ("NativeBatchNormBackward0", "BatchNorm"),
+    ("aten::max_pool2d_with_indices_backward", "pooling"), ("aten::clamp_min_", "ReLU"),
+    ("aten::threshold_backward", "ReLU"), ("aten::fill_", "other"), ("Optimizer.step#SGD.step", "other"),
+])
+def test_op_group_names_the_layer_an_operator_belongs_to(name, group):
+    assert speed.op_group(name) == group
+
+
+def test_profile_step_accounts_for_every_convolution_once_a_step(capfd):
+    model = build_model("resnet8", width=0.25)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    rows = speed.profile_step(model, 8, 2, warmup=1)
+    os.write(2, b"after the profile\n")
+    assert capfd.readouterr().err == "after the profile\n"  # the profiler's engine logged nothing; fd 2 is back
+    assert sum(row["share"] for row in rows) == pytest.approx(1.0)
+    assert [row["ms_per_step"] for row in rows] == sorted((row["ms_per_step"] for row in rows), reverse=True)
+    calls = {op: sum(row["calls_per_step"] for row in rows if row["op"] == op)
+             for op in ("aten::conv2d", "aten::convolution_backward")}
+    assert calls == {"aten::conv2d": convs, "aten::convolution_backward": convs}  # forward and backward once each
+    first_conv = [row for row in rows if row["op"] == "aten::conv2d" and row["shapes"][0] == (8, 3, 32, 32)]
+    assert len(first_conv) == 1 and first_conv[0]["calls_per_step"] == 1  # the stem, on the batch of images
+    layers = speed.convolution_times(rows)
+    filters = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {layer["filters"] for layer in layers} == filters  # each convolution's shape, both passes timed
+    assert all(layer["forward_ms"] > 0 and layer["backward_ms"] > 0 for layer in layers)
+    timed = [row for row in rows if row["group"].startswith("convolution") and len(row["shapes"]) >= 2]
+    assert sum(layer["forward_ms"] + layer["backward_ms"] for layer in layers) == pytest.approx(
+        sum(row["ms_per_step"] for row in timed))
+    with pytest.raises(ValueError, match="steps >= 1"):
+        speed.profile_step(model, 8, 0)
 
 
 def test_find_result_reads_the_repository_results_and_labels_them():

@@ -113,7 +113,8 @@ PROFILES: dict[str, Profile] = {
         model_options={"width": 0.5},
         # Issue 18 (bench/results/recipe_changes.json, chapter 14): Muon for the filters paid; alternating flips
         # and progressive resizing did not at 180 s (bench/results/probes/), nor Lookahead and frozen BatchNorm
-        # scales at 600 s (recipe_changes_600.json), so the recipe leaves them out.
+        # scales (recipe_changes_600.json), nor BatchNorm momentum 0.4 and Dirac initialisation
+        # (recipe_changes_600_bn_dirac.json) at 600 s, so the recipe leaves them out.
         optimizer="muon",
         muon_lr=0.1,
     ),
