@@ -206,6 +206,7 @@ def test_measure_throughput_rejects_bad_settings():
 @pytest.mark.parametrize("name, group", [
     ("aten::convolution_backward", "convolution backward"),
     ("autograd::engine::evaluate_function: ConvolutionBackward0", "convolution backward"),
+    ("aten::_slow_conv2d_backward", "convolution backward"),
     ("aten::mkldnn_convolution", "convolution forward"), ("aten::conv2d", "convolution forward"),
     ("aten::native_batch_norm_backward", "BatchNorm"), ("NativeBatchNormBackward0", "BatchNorm"),
     ("aten::max_pool2d_with_indices_backward", "pooling"), ("aten::clamp_min_", "ReLU"),

@@ -656,6 +656,9 @@ def test_bn_momentum_sets_the_weight_of_each_batch_in_the_running_statistics():
     assert len(batch_means) == len(DATA["train"]) // CFG.batch_size
     assert torch.allclose(norm.running_mean.double(), running(0.4), atol=1e-5)
     assert not torch.allclose(norm.running_mean.double(), running(0.1), atol=1e-3)  # torch's default differs
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="bn_momentum must be in"):
+            replace(CFG, bn_momentum=bad)
 
 
 def test_dirac_init_starts_each_convolution_passing_its_inputs_through():

@@ -144,9 +144,10 @@ def measure_throughput(
 
 
 # profile_step's groups of operators: the first whose pattern is in an operator's lower-cased name. The autograd
-# nodes (ConvolutionBackward0, ...) are named apart from the aten operators they call, hence two spellings.
+# nodes (ConvolutionBackward0, ...) are named apart from the aten operators they call, and the kernels without
+# oneDNN or cuDNN apart from both (_slow_conv2d_backward), hence several spellings.
 OP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("convolution backward", ("convolution_backward", "convolutionbackward")),
+    ("convolution backward", ("convolution_backward", "convolutionbackward", "conv2d_backward")),
     ("convolution forward", ("convolution", "conv2d")),
     ("BatchNorm", ("batch_norm", "batchnorm")),
     ("pooling", ("pool",)),
@@ -193,8 +194,7 @@ def profile_step(
     steps after ``warmup`` unprofiled ones. One row per operator and input shapes, most time first: ``op``,
     ``group`` (:func:`op_group`), ``shapes`` (of its tensor inputs, a tuple of tuples), ``calls_per_step``,
     ``ms_per_step`` (its own time, without the operators it calls: on a GPU the time of its kernels) and
-    ``share`` of all of it.
-    The model is trained in place on random images: pass a fresh one."""
+    ``share`` of all of it. The model is trained in place on random images: pass a fresh one."""
     from torch.profiler import ProfilerActivity, profile
 
     if steps < 1 or warmup < 0:
