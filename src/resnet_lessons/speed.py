@@ -237,9 +237,11 @@ def convolution_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ...); the autograd nodes, which record only the output gradient, are left out."""
     layers: dict[tuple, dict[str, Any]] = {}
     for row in rows:
+        if not row["group"].startswith("convolution"):
+            continue
         backward = row["group"] == "convolution backward"
         shapes = row["shapes"][1:] if backward else row["shapes"]
-        if row["group"] not in ("convolution forward", "convolution backward") or len(shapes) < 2:
+        if len(shapes) < 2:
             continue
         layer = layers.setdefault(shapes[:2], {"input": shapes[0], "filters": shapes[1], "forward_ms": 0.0,
                                                "backward_ms": 0.0})
